@@ -68,3 +68,41 @@ def test_a_streamed_answer_holds_back_a_text_end_marker_and_trailing_blanks():
     answer = chat.generate(model, tok, ids, max_new_tokens=12, template="chatml", stream=pieces.append)
     assert answer == "hi yo"
     assert pieces == ["hi", " yo"]
+
+
+def _serve(tok):
+    from test_serve_probe11 import _serve as serve
+
+    return serve(tok)
+
+
+def test_text_parts_are_joined_as_vllms_chat_utils_joins_them():
+    """vLLM's _parse_chat_message_content_parts: a plain string part, ``input_text`` / ``output_text`` parts (the
+    Responses API's) and an assistant's ``refusal`` part (OpenAI's ChatCompletionContentPartRefusalParam) are text;
+    a null or empty part is skipped (vLLM appends the truthy parts alone), the rest joined by newlines. deltatune
+    refused all but ``{"type": "text", "text": str}`` (a 400) and joined an empty text part ("\\nb"). The echo of an
+    assistant message continued is that same text, as vLLM echoes the parsed conversation's last content."""
+    from test_serve_probe11 import _call
+    from tiny import smollm2_tokenizer
+
+    from deltatune.serve.prompts import _chat_ids
+
+    tok = smollm2_tokenizer()
+    user = ["a", {"type": "input_text", "text": "b"}, {"type": "text", "text": ""}, {"type": "text", "text": None},
+            {"type": "text", "text": "c"}]  # fmt: skip
+    said = [{"type": "output_text", "text": "d"}, {"type": "refusal", "refusal": "no"}]
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": said}]
+    flat = [{"role": "user", "content": "a\nb\nc"}, {"role": "assistant", "content": "d\nno"}]
+    want = tok.apply_chat_template(flat, continue_final_message=True, tokenize=False)
+    rendering = {"add_generation_prompt": False, "continue_final_message": True}
+    assert _chat_ids(tok, messages, None, rendering) == tok(want, add_special_tokens=False)["input_ids"]
+    image = [{"type": "image_url", "image_url": {"url": "x"}}]
+    engine, app = _serve(tok)
+    try:
+        body = {"messages": messages, "max_tokens": 1, "temperature": 0, "echo": True, **rendering}
+        status, answer = _call(app, "/v1/chat/completions", body)
+        assert status == 200 and answer["choices"][0]["message"]["content"].startswith("d\nno")
+        status, answer = _call(app, "/v1/chat/completions", {"messages": [{"role": "user", "content": image}]})
+        assert (status, answer["error"]["param"]) == (400, "messages")
+    finally:
+        engine.close()

@@ -24,7 +24,7 @@ from .engine import BASE, UNLOADED, Engine, Request, RequestError, shown
 from .fields import Limits, _asks_nothing, bad_words_ids, choices_of, flag, lax_ids, lax_numbers, to_request
 from .guard import refusal
 from .logprob_names import logprobs_json, prompt_logprobs_json
-from .prompts import _chat_ids, _prompt_ids, _rendering, _utf8
+from .prompts import _chat_ids, _prompt_ids, _rendering, _utf8, part_text
 from .sampling import default_temperature
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -521,12 +521,12 @@ def _first_token_possible(r: Request, banned: list[list[int]], eos: set[int]) ->
 
 
 def _echoed(last: dict, role: str) -> str:
-    """vLLM's chat ``echo``: the last message's text (its text parts joined by newlines), where its role is the
-    answer's (an assistant message answered by the assistant, say), else nothing."""
+    """vLLM's chat ``echo``: the last message's text (its text parts joined as the prompt joins them), where its role
+    is the answer's (an assistant message answered by the assistant, say), else nothing."""
     content = last.get("content")
     if last["role"] != role or content is None:
         return ""
-    return content if isinstance(content, str) else "\n".join(p["text"] for p in content)
+    return content if isinstance(content, str) else part_text(content, -1)
 
 
 def _usage(requests: list[Request], n: int) -> dict[str, int]:

@@ -134,10 +134,7 @@ def _chat_ids(
         calls = _tool_calls(m, i, template)
         content = "" if m.get("content") is None and calls else m.get("content")
         if isinstance(content, list):  # the parts form: [{"type": "text", "text": ...}, ...]
-            parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
-                raise RequestError(f"messages[{i}].content: only text parts are served", param="messages")
-            content = "\n".join(parts)  # as vLLM joins them for a template that reads a string
+            content = part_text(content, i)
         if not isinstance(content, str):
             raise RequestError(f"messages[{i}].content must be a string", param="messages")
         _utf8(content, f"messages[{i}].content", "messages")
@@ -186,6 +183,35 @@ def _chat_ids(
         raise RequestError(f"continue_final_message: {exc}", param="continue_final_message") from None
     _utf8(text, "the rendered chat (a tool call's arguments, chat_template_kwargs)", "messages")  # else a 500
     return list(tokenizer(text, add_special_tokens=options["add_special_tokens"])["input_ids"])
+
+
+# vLLM's text parts (chat_utils' MM_PARSER_MAP): each type with the key holding its text
+_TEXT_PARTS = {
+    "text": "text",
+    "input_text": "text",
+    "output_text": "text",
+    "refusal": "refusal",
+    "thinking": "thinking",
+}
+
+
+def part_text(content: list, i: int) -> str:
+    """A message's content parts as vLLM joins them for a template that reads a string: a plain string part as it is,
+    a ``text`` / ``input_text`` / ``output_text`` part's text, a ``refusal`` part's refusal, a ``thinking`` part's
+    thinking; a null or empty one skipped (vLLM keeps the truthy parts), the rest joined by newlines. Any other part
+    (an image) is a 400: this server reads text alone."""
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(part, str) and kind not in _TEXT_PARTS:
+            raise RequestError(f"messages[{i}].content: only text parts are served", param="messages")
+        text = part if isinstance(part, str) else part.get(_TEXT_PARTS[kind])
+        if not isinstance(text, (str, type(None))):
+            raise RequestError(f"messages[{i}].content: a {kind} part's {_TEXT_PARTS[kind]} must be a string",
+                               param="messages")  # fmt: skip
+        if text:
+            texts.append(text)
+    return "\n".join(texts)
 
 
 def _tool_calls(m: dict, i: int, template: str | None) -> list | None:
