@@ -105,3 +105,28 @@ def test_the_start_key_of_weights_loaded_as_the_defaults_is_the_defaults_key():
         == _key(dtype=resolved_dtype("auto"))
         == (_key() if resolved_dtype("auto") == "float32" else _key(dtype="bfloat16"))
     )
+
+
+def test_llama4s_patch_tokens_are_image_tokens():
+    """Llama4Processor writes one <|image|> (its image_token_id) and <|patch|> x N per image; the model puts the image
+    features at its config's image_token_id, the <|patch|> id (200092 beside <|image|>'s 200090 in Meta's
+    tokenizer), so the load check (27e145f) refused every real Llama 4 and its patches counted as text toward
+    data.max_length (review of probe 23: a stubbed Llama4Processor, torchvision being absent here)."""
+    from tiny import word_tokenizer
+
+    from deltatune.train.caption_batch import VLMProcessor
+
+    tok = word_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|image|>", "<|patch|>"]})
+    image, patch = tok.convert_tokens_to_ids(["<|image|>", "<|patch|>"])
+
+    class Llama4Like:  # (the attributes transformers' Llama4Processor sets)
+        def __init__(self):
+            self.tokenizer, self.image_processor = tok, object()
+            self.image_token, self.image_token_id, self.img_patch_token = "<|image|>", image, "<|patch|>"
+            self.image_token_ids = [image]
+
+        def __call__(self, text=None, images=None):
+            raise AssertionError("not called")
+
+    assert VLMProcessor(Llama4Like()).image_ids == {image, patch}

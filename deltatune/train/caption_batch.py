@@ -41,6 +41,9 @@ class VLMProcessor:
         # the image tokens (Gemma 3's marker is its <start_of_image>, which stays text; its image tokens are others)
         # (BLIP-2's processor has no image_token_id: transformers' image_token_ids is [None] there, the marker's id)
         own = [i for i in getattr(processor, "image_token_ids", None) or [] if i is not None]
+        patch = getattr(processor, "img_patch_token", None)  # Llama 4: one <|image|>, its features at its <|patch|>s
+        if own and patch is not None:
+            own.append(self.tokenizer.convert_tokens_to_ids(patch))
         self.image_ids = set(own or [self.image_token_id]) - {None}
         # BLIP-2's processor puts the query tokens before the text itself: the text carries no marker
         self.prepends = getattr(processor, "num_query_tokens", None) is not None
