@@ -106,3 +106,25 @@ def test_text_parts_are_joined_as_vllms_chat_utils_joins_them():
         assert (status, answer["error"]["param"]) == (400, "messages")
     finally:
         engine.close()
+
+
+def test_an_assistant_turns_reasoning_reaches_the_template_as_vllm_hands_it():
+    """vLLM's _parse_chat_message_content: an assistant message's ``reasoning`` (else ``reasoning_content``) goes to
+    the chat template under both names (Qwen3's template writes a tool loop's earlier think blocks from
+    ``reasoning_content``); deltatune dropped it, so the prompt lacked the think block vLLM's has."""
+    from tiny import smollm2_tokenizer
+
+    from deltatune.serve.prompts import _chat_ids
+
+    tok = smollm2_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.reasoning_content is string %}<think>"
+        "{{ m.reasoning_content }}</think>{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    want = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "why"},
+            {"role": "user", "content": "q2"}]  # fmt: skip
+    ids = tok(tok.apply_chat_template(want, add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+    for key in ("reasoning", "reasoning_content"):
+        sent = [want[0], {"role": "assistant", "content": "a", key: "why"}, want[2]]
+        assert _chat_ids(tok, sent) == ids["input_ids"]

@@ -148,6 +148,13 @@ def _chat_ids(
                 clean[-1][key] = m[key]
         if calls:
             clean[-1]["tool_calls"] = calls
+        reasoning = (m.get("reasoning") or m.get("reasoning_content")) if m["role"] == "assistant" else None
+        if reasoning is not None and template is None:  # vLLM's: an earlier turn's reasoning, under both names
+            if not isinstance(reasoning, str):
+                raise RequestError(f"messages[{i}].reasoning must be a string, got {shown(reasoning)}",
+                                   param="messages")  # fmt: skip
+            _utf8(reasoning, f"messages[{i}].reasoning", "messages")
+            clean[-1].update(reasoning=reasoning, reasoning_content=reasoning)
     source = getattr(tokenizer, "chat_template", None) if template is None else None
     if "developer" not in (source if isinstance(source, str) else ""):  # OpenAI's newer name for the system role
         clean = [{**m, "role": "system"} if m["role"] == "developer" else m for m in clean]
