@@ -128,3 +128,38 @@ def test_an_assistant_turns_reasoning_reaches_the_template_as_vllm_hands_it():
     for key in ("reasoning", "reasoning_content"):
         sent = [want[0], {"role": "assistant", "content": "a", key: "why"}, want[2]]
         assert _chat_ids(tok, sent) == ids["input_ids"]
+
+
+def test_a_terminals_line_is_read_with_readline_editing(monkeypatch):
+    """At a terminal the REPL reads a line with ``input()`` once readline is imported, as LLaMA-Factory's chat (its
+    arrow keys edit the line and recall earlier ones); ``sys.stdin.readline()`` took the keys' escape codes into the
+    message. Ctrl-D (EOFError) ends the chat on a line of its own, as before."""
+    import builtins
+    import sys
+
+    from tiny import smollm2_tokenizer
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tok = smollm2_tokenizer()
+    ok = tok("ok", add_special_tokens=False)["input_ids"]
+    model = _answering(len(tok), [*ok, tok.eos_token_id])
+    typed, prompts = iter(["hello", "/base"]), []
+
+    def read(prompt: str) -> str:
+        prompts.append(prompt)
+        return next(typed)  # (StopIteration past the end: the test's lines are two, then EOF below)
+
+    monkeypatch.setattr(builtins, "input", lambda p: read(p) if len(prompts) < 2 else prompts.append(p) or _eof())
+    monkeypatch.setattr(sys, "stdin", Tty("not read\n"))
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert chat.repl(model, tok, max_new_tokens=4) == 0
+    shown = sys.stdout.getvalue()
+    assert prompts == ["you> ", "you> ", "base> "]
+    assert shown.splitlines()[1:] == ["ok", "(adapter off: the base model answers)", ""]
+
+
+def _eof() -> str:
+    raise EOFError

@@ -9,7 +9,7 @@ greedy unless a temperature is given.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from typing import Any
 
 import torch
@@ -476,14 +476,26 @@ def repl(
         raise ConfigError(f"--system: the prompt goes as plain text ({why}), which has no place for a system prompt; "
                           "leave --system out, or put its text in the prompt")  # fmt: skip
     tty = stdin.isatty()
+    # A terminal's line read by input() with readline: the arrow keys edit it and recall earlier lines (LLaMA-Factory's
+    # chat imports readline for this; stdin.readline() wrote them into the message as ^[[D)
+    edit = tty and stdin is sys.stdin and stdout is sys.stdout
+    if edit:
+        with suppress(ImportError):
+            import readline  # noqa: F401
     history: Messages = []
     base = False
     if tty:
         print(f"deltatune chat: {HELP}", file=stdout)
     while True:
-        if tty:
-            print("base> " if base else "you> ", end="", file=stdout, flush=True)
-        line = stdin.readline()
+        if edit:
+            try:
+                line = input("base> " if base else "you> ") + "\n"
+            except EOFError:
+                line = ""
+        else:
+            if tty:
+                print("base> " if base else "you> ", end="", file=stdout, flush=True)
+            line = stdin.readline()
         if not line:  # EOF (Ctrl-D): the shell's prompt on a line of its own, not after "you> "
             if tty:
                 print(file=stdout)
