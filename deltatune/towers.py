@@ -314,6 +314,34 @@ def as_trained(config: DeltaConfig, saved: dict | None) -> DeltaConfig:
     return config.replace(target_modules=names) if set(now) < set(names) else config
 
 
+LATE = frozenset(
+    {"internvl", "llava_next_video", "cohere2_vision", "lfm2_vl", "got_ocr2", "fast_vlm", "perception_lm", "aria",
+     "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe", "llama4"}
+)  # fmt: skip
+"""Model types whose towers came in session 58: a run of one begun before adapted every tower as its recipe said."""
+
+
+def resolve(model: nn.Module, asked: DeltaConfig, towers: list[str] | None, saved: dict | None) -> DeltaConfig:
+    """``restrict``, then ``as_trained`` with a checkpoint's ``saved`` adapter config; a run of a ``LATE`` type begun
+    before its towers (no method.towers, a checkpoint whose targets are not what the towers resolve to now, or that
+    the towers now refuse: a target list reaching the vision tower) goes on as it trained, untowered (its resume
+    failed on the checkpoint's vision-tower tensors, or was refused)."""
+    late = saved is not None and towers is None and getattr(model.config, "model_type", None) in LATE
+    try:
+        config = restrict(model, asked, towers)
+    except ConfigError:
+        if late:
+            return asked
+        raise
+    if late and config is not asked and _listed(saved.get("target_modules")) != _listed(config.target_modules):
+        return asked
+    return as_trained(config, saved) if saved and config is not asked else config
+
+
+def _listed(names) -> list[str]:
+    return sorted(map(str, names)) if isinstance(names, (list, tuple, set)) else [str(names)]
+
+
 def counts(model: nn.Module) -> dict[str, int]:
     """Adapted layers per tower (modules_to_save copies not counted); ``other`` for layers outside every tower."""
     out: dict[str, int] = {}
@@ -326,6 +354,8 @@ def counts(model: nn.Module) -> dict[str, int]:
 
 __all__ = [
     "as_trained",
+    "LATE",
+    "resolve",
     "saved_config",
     "FAMILY_AS",
     "TOWERS",

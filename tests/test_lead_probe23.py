@@ -130,3 +130,48 @@ def test_llama4s_patch_tokens_are_image_tokens():
             raise AssertionError("not called")
 
     assert VLMProcessor(Llama4Like()).image_ids == {image, patch}
+
+
+def _glm4v():
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    vision = dict(depth=1, hidden_size=32, num_heads=4, intermediate_size=37, out_hidden_size=32, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=48, vocab_size=64)  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForImageTextToText.from_config(
+        AutoConfig.for_model("glm4v", vision_config=vision, text_config=text)
+    )
+
+
+def test_a_run_begun_before_its_model_type_had_towers_resumes_as_it_trained(tmp_path):
+    """GLM-4V (and the other types given towers in session 58) adapted every tower before: such a run's --resume
+    failed on its checkpoint's vision-tower tensors ("does not belong to any module of this model"), or a target list
+    reaching the vision tower was refused. Its checkpoint's targets tell it: it goes on untowered, as it trained; a
+    run begun with the towers resumes with them (review of 4ae336a)."""
+    import deltatune as dt
+    from deltatune import towers
+
+    asked = dt.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear")
+    old = dt.get_delta_model(_glm4v(), asked)  # (as start_model built it before: no towers for glm4v)
+    old.save_pretrained(str(tmp_path / "old"))
+    model = _glm4v()
+    assert towers.resolve(model, asked, None, towers.saved_config(str(tmp_path / "old"))) is asked
+    assert towers.counts(dt.get_delta_model(_glm4v(), asked)) == {"language": 6, "projector": 4, "vision": 5}
+    config = towers.resolve(model, asked, None, None)  # a new run: the language tower alone
+    new = dt.get_delta_model(_glm4v(), config)
+    assert towers.counts(new) == {"language": 6}
+    new.save_pretrained(str(tmp_path / "new"))
+    again = towers.resolve(_glm4v(), asked, None, towers.saved_config(str(tmp_path / "new")))
+    assert again is not asked and again.target_modules == config.target_modules
+    reaching = dt.LoraConfig(r=2, target_modules=["proj", "q_proj"])  # (vision's attn.proj: refused for a new run)
+    dt.get_delta_model(_glm4v(), reaching).save_pretrained(str(tmp_path / "list"))
+    import pytest
+
+    from deltatune.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        towers.resolve(_glm4v(), reaching, None, None)
+    assert towers.resolve(_glm4v(), reaching, None, towers.saved_config(str(tmp_path / "list"))) is reaching

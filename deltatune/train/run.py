@@ -212,10 +212,9 @@ def start_model(
 
     model = build_model(cfg, tok, labels)
     asked = cfg.method_config(TASK_OF_STAGE[cfg.stage])
-    config = towers.restrict(model, asked, cfg.method.get("towers"))
     saved = towers.saved_config(checkpoint) if checkpoint else None
-    if saved and config is not asked:  # (a run begun before 1bc40a6: every block of its towers, as it trained)
-        config = towers.as_trained(config, saved)
+    # (a run begun before 1bc40a6: every block of its towers; before a model type had towers: untowered, as it trained)
+    config = towers.resolve(model, asked, cfg.method.get("towers"), saved)
     if saved is not None:  # (a method whose new adapters' defaults changed goes on with the run's: DeltaConfig)
         config = config.as_resumed(saved)
     as_saved = saved is not None and _same(saved.get("target_modules"), config.target_modules)  # (not a new recipe)
