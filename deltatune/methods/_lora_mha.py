@@ -11,9 +11,9 @@ Saved keys are peft's: ``<path>.lora_A.weight``, ``<path>.lora_B.weight`` (W_in'
 ``<path>.base_layer.out_proj.lora_A.weight`` / ``.lora_B.weight`` (W_out's), so adapters move both ways.
 
 Differences from peft, on purpose: peft's forward and merge add W_out's update twice (W_out + 2 s B' A': its merge
-writes W_out + s B' A', then merges its out_proj layer again; huggingface/peft#3774, open), here once, as the math
-says; a peft adapter with B' = 0 (as trained from its init) computes the same in both, one trained in peft computes
-there as B' doubled. With several active adapters peft's gradient reaches only the last one's (it merges from the
+writes W_out + s B' A', then merges its out_proj layer again; huggingface/peft#3774, fixed in peft 0.22.0, whose
+output and merge are these), here once, as the math says; a peft adapter with B' = 0 (as trained from its init)
+computes the same in both, one trained in peft 0.21 computes there as B' doubled. With several active adapters peft's gradient reaches only the last one's (it merges from the
 previous merge's ``.data``), here each one's. As peft: lora_dropout has no effect (the update is folded into the
 weights), mixed-adapter batches are refused, DoRA and a module whose query, key and value sizes differ too. Unlike
 peft, an ``nn.TransformerEncoderLayer`` around it in eval without grad computes with the adapter: its fused path,
