@@ -1,9 +1,10 @@
-"""Session 58's lead probes: the board's purge kept between polls and a BOM-led log."""
+"""Session 58's lead probes: the mends of probe 23's reviews (board, PPO, caption, towers, LoRA), each failing before."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -73,6 +74,11 @@ def test_lora_layers_to_transform_as_a_tuple_adapts_the_blocks_peft_adapts():
     assert len(want) == 2
     assert sorted(n.removeprefix("base_model.") for n, m in ours.named_modules() if isinstance(m, DeltaLayer)) == want
     assert ours.peft_config["default"].layers_to_transform == [0, 2]
+    from deltatune.config import ConfigError
+
+    for odd in ((), (True,)):  # (peft: () adapts no block, where [] is every block; (True,) block 1): named as written
+        with pytest.raises(ConfigError, match=rf"layers_to_transform must be .*, got {re.escape(repr(odd))}$"):
+            dt.LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=odd)
 
 
 def test_data_inspect_of_ppo_prompts_refuses_a_template_the_tokenizer_cannot_write_as_training_does(tmp_path):

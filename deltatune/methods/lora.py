@@ -104,7 +104,8 @@ class LoraConfig(DeltaConfig):
             if not isinstance(value := getattr(self, key), dict if key.endswith("pattern") else bool):
                 raise ConfigError(f"{key} must be a {'dict' if key.endswith('pattern') else 'bool'}, got {value!r}")
         layers = self.layers_to_transform
-        if isinstance(layers, tuple):  # (peft takes a tuple; stored as a list, as JSON writes it)
+        if isinstance(layers, tuple) and layers and all(type(i) is int for i in layers):  # (peft takes a tuple;
+            # stored as a list, as JSON writes it; peft's () adapts nothing, refused below as written)
             self.layers_to_transform = layers = list(layers)
         if layers is not None and not all(type(i) is int for i in (layers if isinstance(layers, list) else [layers])):
             raise ConfigError(f"layers_to_transform must be a block index or a list of them, got {layers!r}")
