@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from test_chat_probe20 import _answering
 
 from deltatune.train import chat
@@ -163,3 +164,33 @@ def test_a_terminals_line_is_read_with_readline_editing(monkeypatch):
 
 def _eof() -> str:
     raise EOFError
+
+
+@pytest.mark.parametrize("field", ["tools", "documents", "chat_template_kwargs"])
+def test_a_lone_surrogate_outside_the_messages_is_a_400_naming_its_field(field):
+    """A client cutting a tool's description mid-emoji sends ``"\ud83d"``: the template renders it and the 400
+    named ``messages`` ("the rendered chat (a tool call's arguments, chat_template_kwargs)"), not the field at fault;
+    one the template does not render is served (as vLLM: the text it tokenizes holds none)."""
+    from tiny import smollm2_tokenizer
+
+    from deltatune.serve.engine import RequestError
+    from deltatune.serve.prompts import _chat_ids, _rendering
+
+    tok = smollm2_tokenizer()
+    shows = (
+        "{% for m in messages %}{{ m.content }}{% endfor %}{% if tools %}{{ tools[0].function.description }}"
+        "{% endif %}{% if documents %}{{ documents[0].text }}{% endif %}{{ note or '' }}"
+    )
+    messages = [{"role": "user", "content": "hi"}]
+    value = {
+        "tools": [{"type": "function", "function": {"name": "f", "description": "caf\ud83d"}}],
+        "documents": [{"title": "a", "text": "caf\ud83d"}],
+        "chat_template_kwargs": {"note": "caf\ud83d"},
+    }[field]
+    body = {"messages": messages, field: value, **({"tool_choice": "none"} if field == "tools" else {})}
+    tok.chat_template = shows
+    with pytest.raises(RequestError, match="lone surrogate") as raised:
+        _chat_ids(tok, messages, None, _rendering(body, None))
+    assert raised.value.param == field
+    tok.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert _chat_ids(tok, messages, None, _rendering(body, None)) == tok("hi")["input_ids"]

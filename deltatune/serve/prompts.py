@@ -188,7 +188,12 @@ def _chat_ids(
         raise RequestError(str(exc), param="messages") from None
     except ValueError as exc:  # continue_final_message without a final message to continue
         raise RequestError(f"continue_final_message: {exc}", param="continue_final_message") from None
-    _utf8(text, "the rendered chat (a tool call's arguments, chat_template_kwargs)", "messages")  # else a 500
+    if not _is_utf8(text):  # else a 500; named by the field that holds it (the tools', not messages)
+        rendered = {key: json.dumps(options[key], ensure_ascii=False) for key in ("tools", "documents")}
+        rendered["chat_template_kwargs"] = json.dumps(kwargs, ensure_ascii=False)
+        key = next((k for k, v in rendered.items() if not _is_utf8(v)), None)
+        what = key or "the rendered chat (a tool call's arguments)"
+        _utf8(text, what, key or "messages")
     return list(tokenizer(text, add_special_tokens=options["add_special_tokens"])["input_ids"])
 
 
@@ -252,6 +257,14 @@ def _utf8(text: str, what: str, param: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise RequestError(f"{what} holds a lone surrogate (\\ud800-\\udfff), not UTF-8 text", param=param) from None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _prompt_ids(tokenizer: Any, prompt: Any, special: bool = True, vocab: int = 0) -> list[int]:
