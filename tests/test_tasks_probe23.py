@@ -171,3 +171,70 @@ def test_the_generation_cap_note_counts_targets_whose_text_the_cap_cuts(tmp_path
         "1 of the 3 eval targets are longer than train.generation_max_new_tokens=4 tokens: their generations stop "
         "there, which lowers ROUGE-L and BLEU"
     ]
+
+
+def test_a_refused_cls_run_leaves_the_recipes_classes_as_given(tmp_path):
+    """train(cfg) refused after the stage read the classes (here: data.max_length past the model's positions) left
+    cfg.data.labels set to them: a retry on other data trained those classes (a phantom class, or refused a new
+    one). (run.py diff of probe 23.)"""
+    import json
+
+    from deltatune.config import ConfigError
+    from deltatune.train import build
+    from deltatune.train.run import train
+    from tests.tiny import save_tiny
+
+    base = save_tiny(tmp_path / "bert", "bert", "seq_cls", max_position_embeddings=8)
+    rows = [{"text": "a b c d e f g h i j k", "label": label} for label in ("neg", "pos", "mid")]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = build({"stage": "cls", "model": {"name_or_path": base}, "method": {"name": "lora", "target_modules": ["query"]},
+                 "data": {"train": str(tmp_path / "rows.jsonl"), "max_length": 32}, "train": {"max_steps": 1},
+                 "output": {"dir": str(tmp_path / "run")}})  # fmt: skip
+    with pytest.raises(ConfigError, match="more than the model's 8 positions"):
+        train(cfg)
+    assert (
+        cfg.data.labels is None
+        and cfg.data.multi_label is None
+        and cfg.method == {"name": "lora", "target_modules": ["query"]}
+    )
+
+
+def test_eval_of_a_plain_causal_adapter_on_a_folder_of_data_files_beside_a_figure_stays_sft(tmp_path):
+    """A folder of data files (LLaMA-Factory's shape) with an image somewhere under it (a figure in assets/) was read
+    as an image folder by eebe455: a causal LM's plain adapter was refused as "only one class ('assets')"; it is
+    read by its rows, as before (review)."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from PIL import Image
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.train.evaluation import _images
+    from tests.tiny import save_tiny
+
+    data = tmp_path / "data"
+    (data / "assets").mkdir(parents=True)
+    rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"yo {i}"}]}
+            for i in range(2)]  # fmt: skip
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    Image.new("RGB", (8, 8)).save(data / "assets" / "figure.png")
+    assert not _images(str(data)) and not _images(str(data / "train.jsonl"))
+    assert _images(str(data / "assets"))  # (a folder of images alone still is one)
+    base = save_tiny(tmp_path / "base", "llama")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "adapter"))
+    from deltatune.train.evaluation import evaluate
+
+    assert evaluate(str(tmp_path / "adapter"), str(data))["eval_loss"] > 0
+
+
+def test_the_generation_cap_counts_no_closing_special_tokens_of_a_target():
+    """mBART's targets end ``X </s> lang_code`` (transformers' set_tgt_lang_special_tokens) and its generation starts
+    from the language code: a target of exactly the cap's text was counted as cut (f113a61 discounted one closing
+    special token; review)."""
+    from deltatune.train.seq2seq import _needed
+
+    eos, lang, x = 2, 250004, 17
+    assert _needed([x, x, x, eos, lang], {eos, lang}) == 3
+    assert _needed([x, x, eos], {eos}) == 2 and _needed([0, x, eos], {0, eos}) == 2  # (T5; BART's leading <s> counts)
+    assert _needed([eos], {eos}) == 0 and _needed([], {eos}) == 0

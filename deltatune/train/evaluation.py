@@ -264,11 +264,12 @@ def _recipe(run_dir: str, data: str | None, compare: bool, overrides: list[str])
 def _images(data: str) -> bool:
     """Whether ``data`` is image classification's: an image folder (images under it), or a data file whose first row
     has an ``image`` and a ``label`` column (was read as sft's text, whose tokenizer the image model lacks)."""
-    if os.path.isdir(data):
+    from ..data.load import DataError, folder_files, read_rows
+
+    if os.path.isdir(data) and not folder_files(data):  # (a folder of data files is read by its rows, below)
         from ..data.images import IMAGE_EXTENSIONS
 
         return any(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(data) for f in files)
-    from ..data.load import DataError, read_rows
 
     try:
         return {"image", "label"} <= set(read_rows(data, limit=1)[0].data)

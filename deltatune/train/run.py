@@ -252,10 +252,12 @@ def train(
     if lock is not None:
         lock.acquire()
     attempt: dict[str, Replacement] = {}
+    given = cfg.data.labels, cfg.data.multi_label, cfg.model.num_labels, {**cfg.method}  # (what a start derives)
     try:
         return _train(cfg, overwrite, resume, resume_changed, attempt)
     except BaseException as exc:  # the board shows the run stopped or failed with this line, not running
         folder = attempt.get("folder")
+        cfg.data.labels, cfg.data.multi_label, cfg.model.num_labels, cfg.method = given  # the recipe as it was given
         # Marked once the folder changed (every check passed) and still holds this run: not an old run put back
         # by --overwrite, nor a refused start; a failed --resume is marked too.
         if lock is not None and folder is not None and folder.begun and (folder.is_started or not folder.replace):

@@ -70,8 +70,12 @@ def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
 
 
 def _needed(labels: list[int], specials: set[int]) -> int:
-    """The new tokens a generation needs to hold a target's whole text: its labels but a closing special token."""
-    return len(labels) - int(bool(labels) and labels[-1] in specials)
+    """The new tokens a generation needs to hold a target's whole text: its labels but the closing special tokens
+    (T5's </s>, mBART's </s> and language code)."""
+    n = len(labels)
+    while n and labels[n - 1] in specials:
+        n -= 1
+    return n
 
 
 def check_room(tok, max_length: int, max_target_length: int, source_prefix: str = "") -> None:
