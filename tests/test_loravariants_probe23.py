@@ -3,8 +3,8 @@
 1. DoRA on an ``nn.Embedding`` with ``max_norm``: the embedding lookup of lora_embedding_A renormalises A's rows in
    place (``F.embedding(..., max_norm)``, as peft's ``_embed``). peft's DoraEmbeddingLayer computes the weight norm
    ||W + s (A^T B^T)|| from A before that lookup; deltatune's LoraEmbedding._add computed it after, from the
-   renormalised A, so the first training forward differed (0.35 in the output, 7.8 in A's gradient). Needs the
-   lora.py diff of the probe's report (the DoRA scale taken before the lookup); until then this test is xfail.
+   renormalised A, so the first training forward differed (0.35 in the output, 7.8 in A's gradient); now the DoRA
+   scale is taken before the lookup.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ class _Emb(nn.Module):
         self.m = nn.Embedding(20, 8, max_norm=1.0)
 
 
-@pytest.mark.xfail(strict=True, reason="needs probe 23's lora.py diff (DoRA scale before the max_norm lookup)")
 def test_dora_embedding_with_max_norm_is_peft_s():
     kw = dict(target_modules=["m"], r=4, lora_alpha=3, init_lora_weights=False, use_dora=True)
     torch.manual_seed(0)

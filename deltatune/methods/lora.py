@@ -206,10 +206,10 @@ class LoraEmbedding(_LoraBase):
 
     def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
+        dora = embedding_scale(self, name) if name in self.lora_magnitude_vector else None  # m / ||W + s dW||
         after_a = F.embedding(x, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm, base.norm_type,
                               base.scale_grad_by_freq, base.sparse)  # (..., r)  # fmt: skip
         out = after_a @ self.lora_embedding_B[name].T
-        dora = embedding_scale(self, name) if name in self.lora_magnitude_vector else None  # m / ||W + s dW||
         out = (out if dora is None else dora * out) * self.scaling[name]
         if (scale := getattr(base, "embed_scale", None)) is not None:  # Gemma's, a scaled BART's: (W + dW)[x] * scale
             out = out * torch.as_tensor(scale, dtype=self._weight.dtype, device=out.device).to(out.dtype)  # as peft
