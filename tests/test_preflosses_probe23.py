@@ -3,7 +3,7 @@ against TRL 1.16: the reward model's training statistics are every process's und
 gathers them (the other preference stages' since probe 19)."""
 
 import torch
-from test_pref_probe19 import _TwoRanks
+from test_pref_probe19 import _two_rank_stats
 
 from deltatune.data.preference import PairCollator
 from deltatune.train.reward import RewardTrainer
@@ -27,6 +27,12 @@ def _pair(chosen: list[int], rejected: list[int]) -> dict:
                                                                                           ("rejected", rejected))}  # fmt: skip
 
 
+def _by_hand(scores: torch.Tensor) -> dict[str, float]:
+    chosen, rejected = scores.chunk(2)
+    return {"accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item(),
+            "min_reward": scores.min().item(), "mean_reward": scores.mean().item(), "max_reward": scores.max().item()}  # fmt: skip
+
+
 def test_rm_training_statistics_are_every_process_s(tmp_path):
     """Two processes, two pairs each: TRL's RewardTrainer logs min_reward, mean_reward and max_reward of every
     process's scores (accelerator.gather of the logits) and accuracy and margin as the processes' mean (equal batches:
@@ -37,27 +43,14 @@ def test_rm_training_statistics_are_every_process_s(tmp_path):
     collator = trainer.data_collator
     rank0 = [_pair([5, 6, 7], [5, 9]), _pair([11, 12], [13, 14, 15, 16])]
     rank1 = [_pair([3, 40], [31, 5, 6]), _pair([57, 10], [54])]  # (rank 1: accuracy 0, the lowest and highest score)
-    real = trainer.accelerator
+    two, one = _two_rank_stats(trainer, model, collator, rank0, rank1)
     with torch.no_grad():
-        trainer.accelerator = _TwoRanks(real)
-        trainer.compute_loss(model, collator(rank1))
-        trainer._stats.clear()
-        trainer.accelerator = _TwoRanks(real, trainer.accelerator.record)
-        trainer.compute_loss(model, collator(rank0))
-        assert trainer.accelerator.other == [], "rank 1 gathers more often than rank 0: DDP would hang"
-        two = {k: trainer._stats[k][-1] for k in _RM_STATS}
-        trainer._stats.clear()
-        trainer.accelerator = real
-        trainer.compute_loss(model, collator(rank0 + rank1))
-        one = {k: trainer._stats[k][-1] for k in _RM_STATS}
-        scores = model(**{k: v for k, v in collator(rank0 + rank1).items()}).logits.squeeze(-1)
-    chosen, rejected = scores.chunk(2)
-    by_hand = {"accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item(),
-               "min_reward": scores.min().item(), "mean_reward": scores.mean().item(), "max_reward": scores.max().item()}  # fmt: skip
+        scores = model(**collator(rank0 + rank1)).logits.squeeze(-1)
+    by_hand = _by_hand(scores)
     assert 0 < by_hand["accuracy"] < 1  # (the two ranks' pairs differ in the statistics)
-    scores0 = scores[[0, 1, 4, 5]]  # (rank 0's chosen and rejected: each statistic of its pairs alone is another)
-    alone = {"accuracy": (scores0[:2] > scores0[2:]).float().mean().item(), "margin": (scores0[:2] - scores0[2:]).mean().item(),
-             "min_reward": scores0.min().item(), "mean_reward": scores0.mean().item(), "max_reward": scores0.max().item()}  # fmt: skip
+    alone = _by_hand(
+        scores[[0, 1, 4, 5]]
+    )  # (rank 0's chosen and rejected: each statistic of its pairs alone is another)
     assert all(abs(alone[k] - by_hand[k]) > 1e-4 for k in _RM_STATS), (alone, by_hand)
     for key in _RM_STATS:
         assert abs(two[key] - one[key]) < 1e-6 and abs(one[key] - by_hand[key]) < 1e-6, (key, two, one, by_hand)
