@@ -10,9 +10,9 @@ layer that reads the input layer's V and ids: the logits see the trained rows to
 
 Saved as peft saves it: ``<prefix><embedding path>.token_adapter.trainable_tokens_delta`` (V; "delta" is peft's
 name for the replacement rows). Where deltatune differs from peft, on purpose: a refusal (ConfigError) for ids out
-of range, negative, repeated or empty (peft fails with an IndexError, a RuntimeError, or not at all for repeats),
-and for a module that is not an embedding (peft takes any nn.Linear, e.g. an o_proj, and treats its output
-features as tokens). An output embedding's bias is added, as peft 0.22 adds it (0.21's F.linear dropped it).
+of range, negative or repeated (peft fails with an IndexError, a RuntimeError, or not at all for repeats; no id at
+all is none, as peft trains none: _tokens_files.py), and for a module that is not an embedding (peft takes any
+nn.Linear, e.g. an o_proj, and treats its output features as tokens). An output embedding's bias is added, as peft 0.22 adds it (0.21's F.linear dropped it).
 Two active adapters with disjoint ids compute together (peft's set_adapter refuses the pair; its layer computes them).
 """
 
@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..layer import DeltaLayer, ModulesToSave, set_submodule
+from ._tokens_files import empty, no_tokens
 
 KEY = "token_adapter.trainable_tokens_delta"
 """An adapter's saved tensor, relative to its layer (peft's TrainableTokensWrapper layout)."""
@@ -234,13 +235,12 @@ def check_ids(ids: Any, where: str, label: str = "trainable_token_indices", inte
 
 
 def check_indices(spec: Any, integral: bool = False) -> dict[str, list[int]] | list[int] | None:
-    """``trainable_token_indices`` checked: None ({} too: peft's none), a list of token ids, or {module name: ids}.
-
-    Raises:
-        ConfigError: another type, an id that is not an int, an empty or repeated list, an empty module name.
-    """
-    if spec is None or isinstance(spec, (list, tuple)) or (isinstance(spec, dict) and not spec):
-        return check_ids(spec, "", integral=integral) if isinstance(spec, (list, tuple)) else None
+    """``trainable_token_indices`` checked: None (and {}, [], {"embed_tokens": []}: peft's none; a dict's empty entries
+    dropped), a list of token ids, or {module name: ids}; a ConfigError for anything else, a repeated id, no name."""
+    if no_tokens(spec):
+        return None
+    if isinstance(spec, (list, tuple)):
+        return check_ids(spec, "", integral=integral)
     if not isinstance(spec, dict):
         raise ConfigError(
             "trainable_token_indices must be a list of token ids or a dict {embedding module name: [token ids]}, "
@@ -249,7 +249,7 @@ def check_indices(spec: Any, integral: bool = False) -> dict[str, list[int]] | l
     for key in spec:
         if not isinstance(key, str) or not key:
             raise ConfigError(f"trainable_token_indices keys must be module names, got {key!r}")
-    return {key: check_ids(ids, f"[{key!r}]", integral=integral) for key, ids in spec.items()}
+    return {key: check_ids(ids, f"[{key!r}]", integral=integral) for key, ids in spec.items() if not empty(ids)}
 
 
 def _tied_names(model: nn.Module, embedding: nn.Module | None, path: str) -> list[str]:

@@ -112,7 +112,8 @@ class FreezeConfig(DeltaConfig):
     freeze_language_model: bool = False
     """LLaMA-Factory's: the language tower stays frozen too (its forbidden language_model_keys): the vision tower's
     chosen blocks (freeze_vision_tower=False) and the projector (freeze_multi_modal_projector=False) train, and the
-    freeze_extra_modules named. A vision-language model's only."""
+    freeze_extra_modules named outside the language tower (one in it refused for a new adapter: LLaMA-Factory's
+    forbidden modules keep it frozen). A vision-language model's only."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -213,6 +214,11 @@ class FreezeConfig(DeltaConfig):
         if isinstance(modules, str):
             picked = [p for p in picked if re.search(modules, p)]
         elif modules is not None:
+            if not depth:  # (freeze_language_model, the other blocks frozen: none trains; a name is still checked)
+                below = {p[len("{}.{}.".format(*b)) :] for p, b in blocks.items()}
+                if bad := [m for m in modules if not any(u.startswith(m + ".") for u in below)]:
+                    raise ConfigError(f"freeze_trainable_modules: {bad[0]!r} is not a module of the model's blocks; "
+                                      f"their modules: {', '.join(sorted({u.split('.')[0] for u in below}))}")  # fmt: skip
             under = {p: p[len("{}.{}.".format(*blocks[p])) :] for p in picked}  # the path below the block
             hits = {m: [p for p in picked if under[p].startswith(m + ".")] for m in modules}
             missing = [m for m, found in hits.items() if not found]
@@ -231,6 +237,7 @@ class FreezeConfig(DeltaConfig):
             )
         outside = sorted({p.rsplit(".", 2)[-2] for p in names if p not in blocks and "." in p})
         holders = {part: stack for stack in depth for part in stack.split(".")}  # (the stacks whose blocks train)
+        towers = (tower_parts(model) or {}) if self.freeze_language_model else {}  # (its language tower stays frozen)
         for extra in self.freeze_extra_modules or []:
             if new and extra in holders:  # ("model" trained embed_tokens and norm; LLaMA-Factory refuses it)
                 raise ConfigError(f"freeze_extra_modules: {extra!r} holds the blocks ({holders[extra]}); name modules "
@@ -242,6 +249,11 @@ class FreezeConfig(DeltaConfig):
                     f"freeze_extra_modules: {extra!r} is not a module outside the blocks; "
                     f"those modules: {', '.join(outside)}"
                 )
+            if new and towers and (held := [p for p in found if tower_part(towers, p) == "language"]):
+                raise ConfigError(f"freeze_extra_modules: {extra!r} is in the language tower ({held[0]}), which "
+                                  "freeze_language_model keeps frozen (LLaMA-Factory's forbidden modules win); set "
+                                  "freeze_language_model false to train it, or name a module of the vision tower or "
+                                  "the projector")  # fmt: skip
             picked += [p for p in found if p not in picked]
         parts = tower_parts(model) if frozen is not None and "projector" not in frozen else None
         if parts and not getattr(self, "_old_rule", False):  # (LLaMA-Factory: trainable_layers += projector_keys)
@@ -249,7 +261,7 @@ class FreezeConfig(DeltaConfig):
         if not picked:  # (freeze_language_model with the other towers frozen)
             raise ConfigError(
                 "freeze: freeze_language_model, freeze_vision_tower and freeze_multi_modal_projector leave nothing to "
-                "train; set one of the last two false, or name freeze_extra_modules"
+                "train; set one of the last two false, or name freeze_extra_modules outside the language tower"
             )
         return trainable(model, picked, "freeze")
 
