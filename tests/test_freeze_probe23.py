@@ -173,7 +173,8 @@ def test_freeze_vision_tower_deeper_than_text_trains_its_own_last_blocks():
 
 @pytest.mark.parametrize(("extra", "held"), [("embed_tokens", "model.language_model.embed_tokens.weight"),
                                              ("language_model", "model.language_model.embed_tokens.weight"),
-                                             ("norm", "model.language_model.norm.weight")])  # fmt: skip
+                                             ("norm", "model.language_model.norm.weight"),
+                                             ("lm_head", "lm_head.weight")])  # fmt: skip
 def test_freeze_extra_modules_in_the_frozen_language_tower_is_refused(extra, held):
     """freeze_language_model keeps the language tower frozen: LLaMA-Factory's forbidden modules win over
     freeze_extra_modules (embed_tokens stays frozen; "language_model" is "not found"), where deltatune trained them.
