@@ -47,6 +47,7 @@ from .diffusion_files import KOHYA_PREFIX as KOHYA_PREFIX
 from .diffusion_files import WEIGHT_NAME as WEIGHT_NAME
 from .diffusion_files import load_lora as load_lora
 from .diffusion_files import read_lora_file as read_lora_file
+from .diffusion_initial import check_base, converted, from_base
 from .files import KEY_PREFIX, atomic_write
 from .model import DeltaModel
 
@@ -70,48 +71,43 @@ def _module_path(path: str) -> str:
 
 
 def _lora(
-    model: DeltaModel, adapter_name: str | None, dora: bool = False
+    model: DeltaModel, adapter_name: str | None, dora: bool = False, initial: Any = None, component: str = ""
 ) -> tuple[str, Any, dict[str, dict[str, Any]]]:
     """(name, config, {module path: {"A", "B", "r", "alpha", "scale"}, and DoRA's magnitude "m" with ``dora``}) of
-    a LoRA adapter of ``model``."""
+    a LoRA adapter of ``model``; one initialised from the base (PiSSA, OLoRA) converted with ``initial`` as peft's
+    path_initial_model_for_weight_conversion (``diffusion_initial``), so it loads on the original base, where a file
+    of ``component`` is written (no check without one: combine_loras' adapters stay on this model's base)."""
     from .targets import pattern_value
 
     name = adapter_name or model.active_adapter
     config = _plain_lora(model, name, dora)
+    start = check_base(model, name, initial, component) if component else None  # (None: the original base)
+    if start is not None and config.use_dora:
+        raise ConfigError(f"the {component} model's adapter {name!r} is DoRA, whose update no plain LoRA equals")
     tensors = model.adapter_state_dict(name)
     modules: dict[str, dict[str, Any]] = {}
+    keys: dict[str, str] = {}
     for key, value in tensors.items():
-        path, _, leaf = key.removeprefix(KEY_PREFIX).rpartition(".lora_")
-        path = _module_path(path)
+        stem, _, leaf = key.rpartition(".lora_")
+        path = _module_path(stem.removeprefix(KEY_PREFIX))
         if leaf not in ("A.weight", "B.weight", *(("magnitude_vector",) if config.use_dora else ())):
             raise ConfigError(f"adapter {name!r} holds {key!r}, which these LoRA files have no place for")
         modules.setdefault(path, {})[leaf[0]] = value.detach()  # A, B, m(agnitude)
+        keys[path] = stem
     for path, m in modules.items():
         r = m["A"].shape[0]
         alpha = float(pattern_value(config.alpha_pattern, path, config.lora_alpha))
         m.update(r=r, alpha=alpha, scale=alpha / (math.sqrt(r) if config.use_rslora else r))
+    if start is not None:
+        converted(modules, keys, start, config.use_rslora, component)
     return name, config, modules
 
 
-def _on_original_base(model: DeltaModel, adapter_name: str | None) -> None:
-    """ConfigError where the LoRA's init left its residual in the model's base weights (methods/_lora_init: PiSSA,
-    OLoRA, LoftQ, W - s B0 A0): a LoRA file is loaded on the original base, where its A, B draw otherwise."""
-    name = adapter_name or model.active_adapter
-    if any(name in getattr(m, "_from_base", ()) for m in model.get_base_model().modules()):
-        raise ConfigError(
-            f"adapter {name!r} was initialised from the base ({model.peft_config[name].init_lora_weights}): the "
-            "model's base weights are its residual, and a LoRA file loads on the original base; convert it to a plain "
-            "LoRA first (save_pretrained(path_initial_model_for_weight_conversion=...)), load that on the original "
-            "base, and write it from there"
-        )
-
-
 def _diffusers_part(
-    model: DeltaModel, adapter_name: str | None, prefix: str
+    model: DeltaModel, adapter_name: str | None, prefix: str, initial: Any = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """One component's tensors (``<prefix>.<path>.lora_A.weight`` ...) and metadata (``<prefix>.r`` ...)."""
-    _on_original_base(model, adapter_name)
-    _, config, modules = _lora(model, adapter_name, dora=True)
+    _, config, modules = _lora(model, adapter_name, True, initial, prefix)
     tensors = {}
     for path, m in modules.items():
         tensors[f"{prefix}.{path}.lora_A.weight"] = m["A"].cpu().contiguous()
@@ -139,21 +135,33 @@ def save_diffusers_lora(
     adapter_name: str | None = None,
     prefix: str = "unet",
     text_encoder: DeltaModel | None = None,
+    initial: dict[str, torch.Tensor] | str | os.PathLike[str] | None = None,
 ) -> str:
     """Write a LoRA adapter of ``model`` (a DeltaModel over a diffusers denoiser or text encoder) in diffusers'
     format: ``folder/pytorch_lora_weights.safetensors``, keys ``<prefix>.<path>.lora_A.weight``, the config in the
     metadata. ``pipe.load_lora_weights(folder)`` / ``unet.load_lora_adapter(folder, prefix=prefix)`` load it with
     the same outputs. ``text_encoder``: a DeltaModel over the pipeline's text encoder whose active LoRA goes into
     the same file under ``text_encoder.`` keys, as diffusers' training scripts write it. A DoRA's magnitudes go in
-    as ``<prefix>.<path>.lora_magnitude_vector`` (peft's layout, which diffusers loads as a DoRA). Returns the path.
+    as ``<prefix>.<path>.lora_magnitude_vector`` (peft's layout, which diffusers loads as a DoRA). ``initial``: for
+    an adapter of ``model`` initialised from the base (PiSSA, OLoRA; its base weights are the residual), its tensors
+    from right after its init (``diffusion_initial.initial_tensors``) or the folder ``save_pretrained`` wrote then:
+    the file holds peft's conversion (rank 2r, alpha x2), which loads on the original base. Returns the path.
 
     Raises:
-        ConfigError: an adapter is not a LoRA (another method).
+        ConfigError: an adapter is not a LoRA (another method), or, naming the model (``prefix`` or
+            ``text_encoder``), was initialised from the base without ``initial`` (the text encoder's: convert it
+            first), with LoftQ (merge it instead) or as a DoRA; ``initial`` lacks a module's tensor.
     """
     from safetensors.torch import save_file
 
-    tensors, meta = _diffusers_part(model, adapter_name, prefix)
+    tensors, meta = _diffusers_part(model, adapter_name, prefix, initial)
     if text_encoder is not None:
+        if from_base(text_encoder, name := text_encoder.active_adapter):  # (initial= is the model's)
+            raise ConfigError(
+                f"the text_encoder model's adapter {name!r} was initialised from the base "
+                f"({text_encoder.peft_config[name].init_lora_weights}): write it on its own (save_diffusers_lora("
+                "text_encoder, folder, prefix='text_encoder', initial=...)), or convert it first"
+            )
         more, more_meta = _diffusers_part(text_encoder, None, "text_encoder")
         tensors.update(more)
         meta.update(more_meta)
@@ -165,19 +173,25 @@ def save_diffusers_lora(
 
 
 def save_kohya_lora(
-    model: DeltaModel, file: str | os.PathLike[str], adapter_name: str | None = None, prefix: str = "unet"
+    model: DeltaModel,
+    file: str | os.PathLike[str],
+    adapter_name: str | None = None,
+    prefix: str = "unet",
+    initial: dict[str, torch.Tensor] | str | os.PathLike[str] | None = None,
 ) -> str:
     """Write a LoRA adapter of ``model`` as one kohya-format safetensors file (``lora_unet_...`` keys and a
     per-module ``.alpha``; rsLoRA's scale is kept exact through alpha; ``prefix`` ``text_encoder``: ``lora_te_``,
-    SDXL's ``text_encoder_2``: ``lora_te2_``, as kohya names them). Returns the path.
+    SDXL's ``text_encoder_2``: ``lora_te2_``, SD3's ``text_encoder_3``: ``lora_te3_``, as kohya names them).
+    ``initial``: as ``save_diffusers_lora``'s (PiSSA, OLoRA written as peft's plain conversion). Returns the path.
 
     Raises:
-        ConfigError: the adapter is not a plain LoRA (DoRA, another method).
+        ConfigError: the adapter is not a plain LoRA (DoRA, another method), or, naming the model (``prefix``), was
+            initialised from the base without ``initial``, or with LoftQ (merge it instead); ``initial`` lacks a
+            module's tensor.
     """
     from safetensors.torch import save_file
 
-    _on_original_base(model, adapter_name)
-    _, _, modules = _lora(model, adapter_name)
+    _, _, modules = _lora(model, adapter_name, initial=initial, component=prefix)
     head = KOHYA_PREFIX.get(prefix, f"lora_{prefix}")
     base = model.get_base_model()
     if type(base).__name__.startswith("CLIPText") and not hasattr(base, _TEXT_MODEL):

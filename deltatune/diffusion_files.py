@@ -24,10 +24,13 @@ from .model import DeltaModel
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 """The file diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` looks for."""
 KOHYA_PREFIX = {"unet": "lora_unet", "transformer": "lora_transformer", "text_encoder": "lora_te",
-                "text_encoder_2": "lora_te2"}  # fmt: skip
-"""The head of kohya's keys that ``save_kohya_lora`` writes for each component (SDXL's second encoder: lora_te2_)."""
-_KOHYA_HEADS = {**{k: (v,) for k, v in KOHYA_PREFIX.items()}, "text_encoder": ("lora_te", "lora_te1")}
-"""The heads of kohya's keys that each component reads: SDXL's files name its text encoders lora_te1_, lora_te2_."""
+                "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}  # fmt: skip
+"""The head of kohya's keys that ``save_kohya_lora`` writes for each component (SDXL's second encoder: lora_te2_;
+SD3's T5: lora_te3_, as sd-scripts' lora_sd3.py and ComfyUI name it)."""
+_KOHYA_HEADS = {**{k: (v,) for k, v in KOHYA_PREFIX.items()}, "text_encoder": ("lora_te", "lora_te1"),
+                "text_encoder_3": ("lora_te3", "lora_text_encoder_3")}  # fmt: skip
+"""The heads of kohya's keys that each component reads: SDXL's files name its text encoders lora_te1_, lora_te2_;
+lora_text_encoder_3_ is what save_kohya_lora wrote before session 58 (read still)."""
 _COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior")
 """The pipeline components whose keys a diffusers LoRA file may hold side by side."""
 _DIFFUSERS_SUFFIXES = {
@@ -302,7 +305,8 @@ def load_lora(
         where = "its .alpha" if kind == "kohya" else "the metadata's lora_alpha or alpha_pattern"
         raise ConfigError(
             f"{path}: module {bad}'s alpha is {alphas[bad]:g} ({where}); these files load a LoRA with alpha > 0 "
-            "(its update is scaled by alpha / r)"
+            "(its update is scaled by alpha / r; kohya's sd-scripts reads 0 as alpha = rank, diffusers and ComfyUI "
+            "as no update: set the .alpha you mean)"
         )
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]

@@ -63,6 +63,8 @@ def test_an_alpha_of_zero_or_below_is_refused_naming_the_file_and_module(tmp_pat
     assert "\n" not in message and message.startswith(f"{file}: module {PATH.format(module)}'s alpha is {value} ("), (
         message
     )
+    assert message.endswith("kohya's sd-scripts reads 0 as alpha = rank, diffusers and ComfyUI as no update: set the "
+                            ".alpha you mean)"), message  # fmt: skip
     assert list(model.peft_config) == ["default"] and model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -105,15 +107,16 @@ def test_save_kohya_lora_of_sdxls_second_text_encoder_writes_lora_te2_keys_as_di
 def test_a_lora_initialised_from_the_base_is_not_written_as_a_file_for_the_original_base(tmp_path, init):
     """PiSSA and OLoRA leave the model's base weights as their residual W - s B0 A0; a diffusers or kohya file is
     loaded on the original base (diffusers' load_lora_weights, ``load_lora`` here), where the file's A, B drew
-    0.29 (PiSSA) / 1.05 (OLoRA) off the model that wrote it. Both writers refuse it in one line naming the adapter,
-    nothing written; a plain LoRA's file loads back equal (the control)."""
+    0.29 (PiSSA) / 1.05 (OLoRA) off the model that wrote it. Without ``initial`` both writers refuse it in one line
+    naming the model (unet) and adapter, nothing written; a plain LoRA's file loads back equal (the control)."""
     from diffusion.test_lora_files import out
 
     from deltatune.diffusion import save_diffusers_lora, save_kohya_lora
 
     model = dt.get_delta_model(tiny_unet(), dt.LoraConfig(r=2, init_lora_weights=init)).eval()
     for write, where in ((save_diffusers_lora, tmp_path / "d"), (save_kohya_lora, tmp_path / "k.safetensors")):
-        with pytest.raises(ConfigError, match=rf"^adapter 'default' was initialised from the base \({init}\)"):
+        with pytest.raises(ConfigError, match=rf"^the unet model's adapter 'default' was initialised from the base "
+                           rf"\({init}\):.* give initial="):  # fmt: skip
             write(model, where)
         assert not where.exists()
     plain = dt.get_delta_model(tiny_unet(), dt.LoraConfig(r=2, init_lora_weights=False)).eval()
@@ -122,6 +125,144 @@ def test_a_lora_initialised_from_the_base_is_not_written_as_a_file_for_the_origi
     from deltatune.train import t2i
 
     assert t2i._plain_lora(plain) and not t2i._plain_lora(model)  # (a t2i run's save writes no file it would refuse)
+
+
+def _trained(model) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.05 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("init, rslora", [("pissa", False), ("olora", True)])
+def test_a_pissa_or_olora_lora_is_written_as_peft_converts_it_and_loads_on_the_original_base(tmp_path, init, rslora):
+    """Given the adapter's tensors from right after its init (``initial``: a dict, or the folder saved then), the
+    writers write peft's conversion (``save_pretrained(path_initial_model_for_weight_conversion=...)``: rank 2r,
+    A' = [A; A0], B' = [B, -B0], alpha x2, x sqrt 2 with rsLoRA): the tensors equal peft's own conversion of the
+    same adapter, diffusers' ``load_lora_adapter`` and ``load_lora`` (kohya's file too) give the trained model's
+    outputs on the original base (within 2e-6; the adapter moved them by over 0.03)."""
+    import peft
+    from diffusion.test_lora_files import out
+    from safetensors.torch import load_file
+
+    from deltatune.diffusion import WEIGHT_NAME, save_diffusers_lora, save_kohya_lora
+    from deltatune.diffusion_initial import initial_tensors
+    from deltatune.train import t2i
+
+    fields = dict(r=2, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=init, use_rslora=rslora)
+    model = dt.get_delta_model(tiny_unet(), dt.LoraConfig(**fields)).eval()
+    initial = initial_tensors(model)
+    model.save_pretrained(tmp_path / "init")
+    _trained(model)
+    assert t2i._plain_lora(model, initial)  # (a t2i run writes it)
+    ours = load_file(save_diffusers_lora(model, tmp_path / "d", initial=initial))
+    again = load_file(save_diffusers_lora(model, tmp_path / "f", initial=tmp_path / "init"))
+    assert ours.keys() == again.keys() and all(torch.equal(v, again[k]) for k, v in ours.items())
+    theirs = peft.get_peft_model(tiny_unet(), peft.LoraConfig(**fields))  # (the same init: both are exact)
+    theirs.save_pretrained(tmp_path / "peft-init")
+    state = {k.replace(".lora_A.default", ".lora_A").replace(".lora_B.default", ".lora_B"): v
+             for k, v in theirs.state_dict().items()}  # fmt: skip
+    mine = model.adapter_state_dict("default")
+    with torch.no_grad():
+        for k in mine:
+            state_key = next(s for s in state if s.endswith(k.removeprefix("base_model.model.")))
+            torch.testing.assert_close(state[state_key], initial[k], atol=1e-6, rtol=0)  # (the same init)
+            dict(theirs.named_parameters())[state_key.replace(".lora_A", ".lora_A.default").replace(
+                ".lora_B", ".lora_B.default")].copy_(mine[k])  # fmt: skip
+    theirs.save_pretrained(tmp_path / "peft", path_initial_model_for_weight_conversion=str(tmp_path / "peft-init"))
+    converted = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert {k.replace("base_model.model.", "unet.") for k in converted} == ours.keys()
+    for k, v in converted.items():
+        torch.testing.assert_close(ours[k.replace("base_model.model.", "unet.")], v, atol=1e-6, rtol=0)
+    meta = json.loads(__import__("safetensors").safe_open(tmp_path / "d" / WEIGHT_NAME, "pt").metadata()[
+        "lora_adapter_metadata"])  # fmt: skip
+    peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (meta["unet.r"], meta["unet.lora_alpha"]) == (peft_config["r"], peft_config["lora_alpha"]) == (
+        4, 4 * (2**0.5 if rslora else 2))  # fmt: skip
+    trained, base = out(model), out(tiny_unet())
+    assert (trained - base).abs().max() > 0.03
+    loaded = tiny_unet()
+    loaded.load_lora_adapter(str(tmp_path / "d"), prefix="unet", weight_name=WEIGHT_NAME)
+    torch.testing.assert_close(out(loaded), trained, atol=2e-6, rtol=0)
+    kohya = load_lora(tiny_unet(), save_kohya_lora(model, tmp_path / "k.safetensors", initial=initial))
+    torch.testing.assert_close(out(kohya), trained, atol=2e-6, rtol=0)
+
+
+def test_a_t2i_runs_save_writes_the_converted_file_of_a_pissa_denoiser(tmp_path):
+    """A t2i run with method.init_lora_weights pissa trained to the end and wrote no
+    pytorch_lora_weights.safetensors (80fc8fc); its processor's save now writes peft's conversion from the
+    tensors kept when the trainer took the denoiser (before a --resume loads the checkpoint's), equal to the
+    trained model on the original base; the report's note says so, and LoftQ's says to merge instead."""
+    import types
+
+    from diffusion.test_lora_files import out
+
+    from deltatune.diffusion import WEIGHT_NAME
+    from deltatune.diffusion_initial import initial_tensors, run_note
+    from deltatune.train import t2i
+
+    model = dt.get_delta_model(tiny_unet(), dt.LoraConfig(r=2, init_lora_weights="pissa")).eval()
+    stub = types.SimpleNamespace(save_pretrained=lambda out: None, save_config=lambda out: None)
+    processor = types.SimpleNamespace(tokenizer=stub, scheduler=stub, text_encoder_name="te", pipeline=False,
+                                      text_encoder=None, folded=None, denoiser=model,
+                                      denoiser_class="UNet2DConditionModel", initial=initial_tensors(model))  # fmt: skip
+    _trained(model)
+    t2i.T2IProcessor.save_pretrained(processor, str(tmp_path))
+    back = load_lora(tiny_unet(), str(tmp_path / WEIGHT_NAME))
+    torch.testing.assert_close(out(back), out(model), atol=2e-6, rtol=0)
+    assert "peft's conversion" in run_note(dt.LoraConfig(init_lora_weights="olora"))[0]
+    assert (
+        "merge the run (merge_and_unload)"
+        in run_note(dt.LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 4}))[0]
+    )
+    assert run_note(dt.LoraConfig()) == []
+
+
+def test_loftq_is_refused_advising_a_merge_and_the_text_encoder_is_named(tmp_path):
+    """LoftQ's refusal advised a conversion (save_pretrained(path_initial_model_for_weight_conversion=...)) that is
+    itself refused for LoftQ; it says to merge (merge_and_unload) now. A text encoder's base-initialised LoRA passed
+    as ``text_encoder=`` was refused as "adapter 'default'", not saying which model: it names the text_encoder."""
+    import warnings
+
+    from deltatune.diffusion import save_diffusers_lora, save_kohya_lora
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loftq = dt.get_delta_model(tiny_unet(), dt.LoraConfig(r=2, target_modules=["to_q"], init_lora_weights="loftq",
+                                                               loftq_config={"loftq_bits": 4, "loftq_iter": 1}))  # fmt: skip
+    for write, where in ((save_diffusers_lora, tmp_path / "d"), (save_kohya_lora, tmp_path / "k.safetensors")):
+        with pytest.raises(ConfigError) as info:
+            write(loftq, where, initial={})
+        assert str(info.value).startswith("the unet model's adapter 'default' was initialised from the base (loftq)")
+        assert "merge_and_unload" in str(info.value) and "path_initial" not in str(info.value)
+        assert not where.exists()
+    plain = dt.get_delta_model(tiny_unet(), dt.LoraConfig(r=2, init_lora_weights=False))
+    other = dt.get_delta_model(tiny_unet(1), dt.LoraConfig(r=2, init_lora_weights="olora"))  # (a text encoder's)
+    with pytest.raises(
+        ConfigError, match=r"^the text_encoder model's adapter 'default' was initialised from the base"
+    ):
+        save_diffusers_lora(plain, tmp_path / "t", text_encoder=other)
+    assert not (tmp_path / "t").exists()
+
+
+def test_save_kohya_lora_of_sd3s_t5_writes_lora_te3_and_reads_the_old_lora_text_encoder_3_keys(tmp_path):
+    """kohya's sd-scripts (lora_sd3.py, lora_flux.py: LORA_PREFIX_TEXT_ENCODER_T5 = "lora_te3") and ComfyUI name the
+    T5 encoder's modules lora_te3_; save_kohya_lora(prefix="text_encoder_3") wrote lora_text_encoder_3_. A file of
+    the old keys still loads with prefix="text_encoder_3", equal."""
+    from diffusion.test_lora_files import out
+    from safetensors.torch import load_file, save_file
+
+    from deltatune.diffusion import save_kohya_lora
+
+    model = dt.get_delta_model(tiny_unet(), dt.LoraConfig(r=2, target_modules=["to_q"], init_lora_weights=False))
+    file = save_kohya_lora(model, tmp_path / "te3.safetensors", prefix="text_encoder_3")
+    tensors = load_file(file)
+    assert tensors and all(k.startswith("lora_te3_") for k in tensors), sorted(tensors)[:2]
+    old = {k.replace("lora_te3_", "lora_text_encoder_3_", 1): v for k, v in tensors.items()}
+    save_file(old, str(tmp_path / "old.safetensors"))
+    for f in (file, tmp_path / "old.safetensors"):
+        back = load_lora(tiny_unet(), str(f), prefix="text_encoder_3")
+        torch.testing.assert_close(out(back), out(model.eval()), atol=1e-6, rtol=0)
 
 
 def test_final_validation_copied_from_the_last_epochs_drawing_is_never_half_written(tmp_path, monkeypatch):

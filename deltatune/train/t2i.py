@@ -39,6 +39,7 @@ from transformers.integrations import TensorBoardCallback
 from ..config import ConfigError
 from ..data.images import INTERPOLATIONS, T2I_AUGMENTATIONS, check, open_rgb, read_image_rows, t2i_crop, t2i_resize
 from ..data.load import DataError
+from ..diffusion_initial import from_base, initial_tensors, run_note
 from ..model import DeltaModel
 from . import t2i_noise
 from .config import RunConfig
@@ -104,6 +105,7 @@ class T2IProcessor:
         _check_width(config, self.text_encoder.config, path, name)
         _check_channels(config, self.vae.config if self.vae is not None else None, path)
         self.denoiser: DeltaModel | None = None  # a run's, set by its trainer: save_pretrained writes its LoRA file
+        self.initial: dict[str, torch.Tensor] | None = None  # its PiSSA / OLoRA init's tensors (diffusion_initial)
 
     def caption_limit(self, max_length: int) -> int:
         """The longest caption in tokens: ``max_length``, or the text encoder's context when that is shorter."""
@@ -232,16 +234,17 @@ class T2IProcessor:
             encoder.save_pretrained(os.path.join(out, TEXT_ENCODER_LORA))
         if self.folded:  # the LoRAs folded into the base's text encoder, nested (a run loads its own LoRA alone)
             shutil.copytree(self.folded, os.path.join(out, TEXT_ENCODER_LORA, TEXT_ENCODER_LORA), dirs_exist_ok=True)
-        if self.denoiser is not None and _plain_lora(self.denoiser):
-            save_diffusers_lora(self.denoiser, out, "default", DENOISERS[self.denoiser_class], text_encoder=encoder)
+        if self.denoiser is not None and _plain_lora(self.denoiser, self.initial):
+            prefix = DENOISERS[self.denoiser_class]
+            save_diffusers_lora(self.denoiser, out, "default", prefix, text_encoder=encoder, initial=self.initial)
 
 
-def _plain_lora(model: DeltaModel) -> bool:
+def _plain_lora(model: DeltaModel, initial: dict | None = None) -> bool:
     """Whether ``model``'s default adapter is a LoRA that diffusers' file holds whole (DoRA too; no biases or heads;
-    not initialised from the base, PiSSA / OLoRA / LoftQ, whose A, B need the residual base: ``save_diffusers_lora``
-    refuses those)."""
+    one initialised from the base, PiSSA / OLoRA, with its ``initial`` tensors: the file is peft's conversion;
+    diffusion_initial)."""
     c = model.peft_config.get("default")
-    residual = any("default" in getattr(m, "_from_base", ()) for m in model.get_base_model().modules())
+    residual = from_base(model, "default") and (initial is None or c.use_dora)  # (LoftQ's initial: None)
     return c is not None and c.peft_type == "LORA" and c.bias == "none" and not c.modules_to_save and not residual
 
 
@@ -310,7 +313,8 @@ class T2ITrainer(DeltaTrainer):
         for callback in extras:
             self.add_callback(callback)
         self.processor, self.loss_options = processor, dict(loss_options or {})  # (t2i_noise.loss_options)
-        processor.denoiser = self._delta_model()
+        processor.denoiser = self._delta_model()  # (its init, before a --resume loads: initial_tensors)
+        processor.initial = initial_tensors(processor.denoiser)
         self.text_encoder = processor.text_encoder if processor.trains_text_encoder else None
         for module in (self.text_encoder, processor.vae):
             if module is not None:
@@ -492,6 +496,7 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
         notes.insert(2, f"train-time: {', '.join([*augment, *[f'{drop:g} of captions empty'] * bool(drop)])}")
     if ema is not None:
         notes.append(describe_ema(ema))
+    notes += run_note(cfg.method_config())  # (PiSSA / OLoRA's LoRA file: diffusion_initial)
     extras = (EMA(**ema),) if ema is not None else ()
     if shown:  # (train.validation_prompt: t2i_validation)
         draw = functools.partial(sample, processor=processor, steps=STEPS, guidance=GUIDANCE, max_length=d.max_length)
