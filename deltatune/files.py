@@ -67,9 +67,7 @@ ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 def check_adapter_name(name: object) -> str:
     """``name`` if it is a valid adapter name (letters, digits, ``-``, ``_``; 1-64 characters), else ValueError.
-
-    Every place where an adapter name becomes a path or a module key calls this before anything is written.
-    """
+    Every place where an adapter name becomes a path or a module key calls this before anything is written."""
     if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
         raise ValueError(
             f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '-' or '_' "
@@ -123,7 +121,8 @@ def match_tensors(
             + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
             + "; was it saved with another config or for another model?"
         )
-    unexpected = [k for k in tensors if k not in expected and k not in base_params and not _head_echo(k, expected)]
+    unexpected = [k for k in tensors if k not in expected and k not in base_params and not _head_echo(k, expected)
+                  and not (k.endswith(".trainable_tokens_delta") and not len(tensors[k]))]  # (peft's for no token ids)  # fmt: skip
     if unexpected:
         raise AdapterLoadError(
             f"{source}: tensor {unexpected[0]!r} does not belong to any module of this model"

@@ -237,10 +237,6 @@ def test_peft_config_with_no_token_ids_reads_as_none(tmp_path, spec):
     assert config.trainable_token_indices == {"lm_head": [3]}
 
 
-@pytest.mark.xfail(
-    not hasattr(__import__("deltatune.files").files, "_no_rows"), strict=True, raises=dt.AdapterLoadError,
-    reason="needs probe 23 fixfreeze's files.py diff (the zero-row trainable_tokens_delta skipped)",
-)  # fmt: skip
 @pytest.mark.parametrize("spec", [[], {"embed_tokens": []}], ids=["list", "dict"])
 def test_peft_file_with_no_token_ids_loads_as_none(tmp_path, spec):
     """Such a peft file loads as none: the zero-row tensor skipped, with the logits of peft's LoRA alone (peft's own
