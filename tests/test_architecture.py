@@ -38,6 +38,7 @@ LEVELS = {
     "model": 5,
     "data": 5,
     "diffusion_files": 5.25,
+    "diffusion_initial": 5.25,
     "diffusion": 5.5,
     "info": 7,
     "train": 6,
