@@ -134,15 +134,15 @@ class BottleneckConfig(DeltaConfig):
         if not isinstance(self.non_linearity, str) or self.non_linearity.lower() not in _activations():
             raise ConfigError(f"non_linearity must be one of {_activations()}, got {self.non_linearity!r}")
         check_range("adapter_dropout", self.adapter_dropout, 0.0, 1.0)
-        if self.init_weights not in (True, False, "houlsby", "bert", "mam_adapter"):
-            raise ConfigError(
-                f"init_weights must be True, False, 'houlsby', 'bert' or 'mam_adapter', got {self.init_weights!r}"
-            )
+        init = self.init_weights  # not 0 / 1: 0 == False passed, ran W_up as True's init and the gate as False's
+        if type(init) not in (bool, str) or init not in (True, False, "houlsby", "bert", "mam_adapter"):
+            raise ConfigError(f"init_weights must be True, False, 'houlsby', 'bert' or 'mam_adapter', got {init!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> BottleneckConfig:
-        """As ``DeltaConfig.from_dict``; a file's ln_before, ln_after or use_gating given as text reads as it ran
-        (``read_text_switches``)."""
+        """As ``DeltaConfig.from_dict``; ln_before, ln_after or use_gating as text read as they ran
+        (``read_text_switches``); init_weights 0 / 1 (taken before session 58) as False / True: its weights load."""
+        data = {**data, "init_weights": bool(v)} if type(v := data.get("init_weights")) in (int, float) else data
         return super().from_dict(read_text_switches(data, ("ln_before", "ln_after", "use_gating"), source), source)
 
     @property
