@@ -81,7 +81,28 @@ def row_tools(row: Row, column: str) -> list[dict] | None:
     for i, v in enumerate(schemas):
         if not isinstance(v["function"], dict) or not isinstance(v["function"].get("name"), str):
             raise DataError(f"{row.source}: {column}[{i}]: a tool schema needs a function name")
+        schemas[i] = _checked(v, f"{row.source}: {column}[{i}]")
     return [_as_served(v) for v in schemas]
+
+
+def _checked(tool: dict, where: str) -> dict:
+    """``tool`` with its parameters written as JSON text read as the object they hold, checked as vLLM (and deltatune
+    serve) check a request's tools: a text description, an object (JSON Schema) for parameters. A row's schema the
+    server would refuse trained a prompt no request gets (a quoted text or a list where the schema goes)."""
+    fn = dict(tool["function"])
+    about, params = fn.get("description"), fn.get("parameters")
+    if not isinstance(about, (str, type(None))):
+        raise DataError(f"{where}: the description must be a text, got {type(about).__name__}")
+    if isinstance(params, str):
+        try:
+            params = json.loads(params) if params.strip() else None
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: the parameters are not valid JSON") from None
+    if not isinstance(params, (dict, type(None))):
+        raise DataError(f"{where}: the parameters must be a JSON Schema object, got {type(params).__name__}")
+    if "parameters" in fn:
+        fn["parameters"] = params
+    return {**tool, "function": fn}
 
 
 def _as_served(tool: dict) -> dict:
