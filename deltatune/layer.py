@@ -227,9 +227,20 @@ class DeltaLayer(nn.Module):
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     # -- merging -----------------------------------------------------------------------------------
-    def merge(self, name: str) -> None:
+    def merge(self, name: str | bool | None = None, adapter_names: list[str] | None = None, safe_merge=False) -> None:
         """Fold adapter ``name`` into the base weights. Idempotent: merging a merged (or absent) adapter does
-        nothing; the bookkeeping is here, the math in the method's ``_merge_weights``."""
+        nothing; the bookkeeping is here, the math in the method's ``_merge_weights``. Without a name, peft's layer
+        ``merge(safe_merge=False, adapter_names=None)``: the named adapters (None: the active ones) in turn."""
+        if name is None or isinstance(name, bool):  # (peft's first positional parameter is safe_merge)
+            safe_merge = name or safe_merge
+            names = self.active_adapters if adapter_names is None else adapter_names
+            if isinstance(names, str):
+                raise TypeError(f"adapter_names should be a list of strings, got {names!r}.")
+            if safe_merge:
+                self.check_merge(list(names))
+            for n in [n for n in names if n in self.adapter_names]:
+                self.merge_as(n, bool(safe_merge))
+            return
         if name in self.merged_adapters or name not in self.adapter_names:
             return
         with torch.no_grad():
@@ -287,9 +298,16 @@ class DeltaLayer(nn.Module):
             for a, value in state.items():
                 setattr(self, a, value)
 
-    def unmerge(self, name: str) -> None:
+    def unmerge(self, name: str | None = None) -> None:
         """Undo ``merge(name)``, restoring the base weights. Idempotent. The adapters merged after it come out first
-        and go back in after (a DoRA merge rescales the whole weight, so only the last merged one can be undone)."""
+        and go back in after (a DoRA merge rescales the whole weight, so only the last merged one can be undone).
+        Without a name, peft's layer ``unmerge()``: every merged adapter, the last merged first."""
+        if name is None:
+            if not self.merged_adapters:
+                warnings.warn("Already unmerged. Nothing to do.", UserWarning, stacklevel=2)
+            for n in reversed(list(self.merged_adapters)):
+                self.unmerge(n)
+            return
         if name not in self.merged_adapters:
             return
         later = self.merged_adapters[self.merged_adapters.index(name) + 1 :]
