@@ -73,3 +73,27 @@ def test_a_schema_the_server_refuses_is_refused_naming_the_row(tok, bad, says):
             _tools({"tools": [{"type": "function", "function": fn}], "tool_choice": "none"})
     with pytest.raises(DataError, match=rf"^t\.jsonl:1: tools\[0\]: {says}$"):
         _encode(tok, [fn])
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # (json.loads: RecursionError, not a JSONDecodeError)
+
+
+@pytest.mark.parametrize(
+    "row, says",
+    [
+        ({"tools": DEEP}, "column 'tools' is not valid JSON"),
+        ({"tools": [{"name": "get_weather", "parameters": DEEP}]}, "tools[0]: the parameters are not valid JSON"),
+        ({"messages": [U, {**CALL, "tool_calls": DEEP}]}, "messages[1].tool_calls: a function call must be JSON"),
+        (
+            {"messages": [U, {**CALL, "tool_calls": [{"name": "get_weather", "arguments": DEEP}]}]},
+            "messages[1].tool_calls[0].arguments: not valid JSON",
+        ),
+    ],
+)
+def test_json_nested_too_deep_is_refused_in_one_line(tok, row, says):
+    """A tools column, schema parameters, tool calls or arguments nested past Python's recursion limit raised
+    RecursionError from inside json (deltatune serve answers such arguments with a 400)."""
+    row = {"messages": MESSAGES, "tools": [{"name": "get_weather", "parameters": PARAMS}], **row}
+    with pytest.raises(DataError) as e:
+        read_samples([Row(row, "t.jsonl:1")], {}, stage="sft")
+    assert str(e.value).startswith("t.jsonl:1: " + says) and "\n" not in str(e.value)

@@ -13,7 +13,7 @@ def tool_calls(value: Any, where: str) -> list[dict]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # (JSONDecodeError; nesting too deep to decode)
             raise DataError(
                 f"{where}: a function call must be JSON ({{name, arguments}}), got {value[:40]!r}"
             ) from None
@@ -35,7 +35,7 @@ def tool_calls(value: Any, where: str) -> list[dict]:
             if isinstance(args, str):
                 try:
                     args = json.loads(args) if args.strip() else {}
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):
                     raise DataError(f"{at}.arguments: not valid JSON") from None
         if args is None:
             args = {}
@@ -61,7 +61,7 @@ def row_tools(row: Row, column: str) -> list[dict] | None:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             raise DataError(f"{row.source}: column {column!r} is not valid JSON") from None
     if isinstance(value, dict):
         value = [value]
@@ -96,7 +96,7 @@ def _checked(tool: dict, where: str) -> dict:
     if isinstance(params, str):
         try:
             params = json.loads(params) if params.strip() else None
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             raise DataError(f"{where}: the parameters are not valid JSON") from None
     if not isinstance(params, (dict, type(None))):
         raise DataError(f"{where}: the parameters must be a JSON Schema object, got {type(params).__name__}")
