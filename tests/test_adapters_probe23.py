@@ -1,13 +1,17 @@
-"""Probe 23 (adapters): bottleneck init_weights given as 0 / 1."""
+"""Probe 23 (adapters): bottleneck init_weights given as 0 / 1; a second (IA)^3 adapter of another kind at a layer."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
+import torch
 
-from deltatune import BottleneckConfig
+from deltatune import BottleneckConfig, IA3Config, get_delta_model
 from deltatune.config import ConfigError
+from deltatune.methods.ia3 import IA3Layer
+from tests.tiny import output_of, tiny_inputs, tiny_model
 
 
 @pytest.mark.parametrize("value", [0, 1, 0.0])
@@ -25,3 +29,26 @@ def test_bottleneck_init_weights_number_in_a_file_loads():
         assert BottleneckConfig.from_dict({"init_weights": 1}).init_weights is True
         assert BottleneckConfig.from_dict({"init_weights": 0}).init_weights is False
     assert BottleneckConfig.from_dict({"init_weights": "bert"}).init_weights == "bert"
+
+
+def test_ia3_second_adapter_other_kind_at_a_layer_refused():
+    # A marks down_proj feed-forward (input scaled, (1, d_in)); B targets it as not feed-forward. The layer's kind won:
+    # B got A's (1, 48) vector, against its own config, and its file loaded nowhere else (peft: a size mismatch too)
+    model = tiny_model("llama")
+    a = dict(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])
+    delta = get_delta_model(copy.deepcopy(model), IA3Config(**a))
+    before = {n: p.clone() for n, p in delta.named_parameters()}
+    b = IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=[])
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\.mlp\.down_proj .*feed-forward"):
+        delta.add_adapter("b", b)
+    assert list(delta.peft_config) == ["default"]  # nothing changed
+    assert not any(isinstance(m, IA3Layer) for n, m in delta.named_modules() if n.endswith("v_proj"))
+    assert {n: p for n, p in delta.named_parameters()}.keys() == before.keys()
+    assert b.target_modules == ["v_proj", "down_proj"] and b.feedforward_modules == []
+    # the same kind is taken, and computes as the product of the two vectors (hand-worked: both 1 at the start)
+    delta.add_adapter("c", IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    layer = delta.get_submodule("base_model.model.layers.0.mlp.down_proj")
+    assert layer.ia3_l["c"].shape == (1, 48)
+    x = tiny_inputs("llama")
+    delta.set_adapter(["default", "c"])
+    torch.testing.assert_close(output_of(delta, x), output_of(model, x))

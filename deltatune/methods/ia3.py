@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import targets as targets_module
 from ..config import ConfigError, DeltaConfig, check_regex
 from ..layer import DeltaLayer, ModulesToSave, linear_shape, set_submodule
 from ..targets import IA3_FEEDFORWARD, IA3_TARGETS, model_type, resolve_targets
@@ -212,6 +213,16 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> list[nn.Mo
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, IA3Layer):
+            if module.is_feedforward != _is_feedforward(name, feedforward) and not targets_module._FROM_FILE.get():
+                # the layer's kind would win (as peft's): a vector against this config, a file loading nowhere else. A
+                # file saved so still loads on top of the adapters that set the kind (its shapes are that kind's)
+                config.target_modules = given
+                kinds = ("not feed-forward (output scaled)", "feed-forward (input scaled)")
+                raise ConfigError(
+                    f"ia3: {name} holds (IA)^3 adapters {kinds[module.is_feedforward]}; this config makes it "
+                    f"{kinds[not module.is_feedforward]} (feedforward_modules={config.feedforward_modules!r}); the "
+                    "adapters of one layer share its kind: give feedforward_modules alike"
+                )
             plan.append((name, module, False))
             continue
         if isinstance(module, DeltaLayer):
