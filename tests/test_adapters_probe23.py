@@ -52,3 +52,26 @@ def test_ia3_second_adapter_other_kind_at_a_layer_refused():
     x = tiny_inputs("llama")
     delta.set_adapter(["default", "c"])
     torch.testing.assert_close(output_of(delta, x), output_of(model, x))
+
+
+@pytest.mark.parametrize("method", ["ia3", "bottleneck"])
+def test_new_adapter_beside_a_pissa_residual_refused(method):
+    # PiSSA left q_proj's base as W - B0 A0: a new (IA)^3 / bottleneck adapter alone computed with that residual and
+    # started 9e-4 off the base model (a new LoRA was refused already); refused alike, nothing changed
+    from deltatune import LoraConfig
+
+    model = tiny_model("llama")
+    delta = get_delta_model(
+        copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa")
+    )
+    config = IA3Config(target_modules=["k_proj"]) if method == "ia3" else BottleneckConfig()
+    names = [n for n, _ in delta.named_modules()]
+    with pytest.raises(ConfigError, match=rf"^{method}: adapter 'default' was initialised from the base \(PiSSA"):
+        delta.add_adapter("new", config)
+    assert list(delta.peft_config) == ["default"] and [n for n, _ in delta.named_modules()] == names
+    # a plain LoRA beside it is refused too; once converted (on the original base) the new adapter starts as the base
+    x = tiny_inputs("llama")
+    plain = get_delta_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"]))
+    plain.add_adapter("new", config)
+    plain.set_adapter("new")
+    torch.testing.assert_close(output_of(plain, x), output_of(model, x))

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..config import ConfigError, DeltaConfig
 from ..targets import BOTTLENECK_TARGETS, MOE_BOTTLENECK, find_targets, fused_experts, model_type
+from ._base_kept import refuse_beside_residual
 
 _SUBLAYER_WORDS = {"attn": "attention output", "ffn": "feed-forward output"}
 
@@ -19,6 +20,7 @@ def locate(model: nn.Module, config: DeltaConfig) -> list[str]:  # (a Bottleneck
     A family missing from the table is tried against every known layout (a mixture of experts against Mixtral's
     only); the error names the sub-layers that no layout found.
     """
+    refuse_beside_residual(model, "bottleneck")  # (before anything changes: locate runs first in inject)
     if config.target_modules is not None:
         return find_targets(model, config.target_modules, method="bottleneck")
     wanted = config.sublayers

@@ -30,6 +30,7 @@ from .. import targets as targets_module
 from ..config import ConfigError, DeltaConfig, check_regex
 from ..layer import DeltaLayer, ModulesToSave, linear_shape, set_submodule
 from ..targets import IA3_FEEDFORWARD, IA3_TARGETS, model_type, resolve_targets
+from ._base_kept import refuse_beside_residual
 
 
 @dataclass
@@ -196,6 +197,7 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> list[nn.Mo
     Family defaults are written into ``config`` (target_modules, feedforward_modules), so the saved
     adapter_config.json says exactly what was adapted. Everything is checked before the model is touched.
     """
+    refuse_beside_residual(model, "ia3")
     feedforward = config.feedforward_modules
     if feedforward is None:
         feedforward = IA3_FEEDFORWARD.get(model_type(model) or "", [])

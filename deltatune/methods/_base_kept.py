@@ -1,0 +1,19 @@
+"""A new adapter of another method beside a LoRA whose init (PiSSA / OLoRA) left its residual in the base weights:
+refused, as LoRA's own check (``_lora_init.check_base_kept``) refuses a new LoRA there. Alone, the new adapter would
+compute with W - B0 A0, not the base W (an (IA)^3 adapter at its init then starts away from the base model)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import ConfigError
+
+
+def refuse_beside_residual(model: nn.Module, method: str) -> None:
+    """ConfigError where a module of ``model`` holds the residual a PiSSA / OLoRA init left, before anything changes."""
+    for path, module in model.named_modules():
+        if mutated := sorted(getattr(module, "_from_base", ())):
+            raise ConfigError(f"{method}: adapter {mutated[0]!r} was initialised from the base (PiSSA / OLoRA) and left "
+                              f"{path} as its residual, which a new adapter would compute with (alone, it would not "
+                              "start as the base model); convert it to a plain LoRA first (convert_to_plain_lora) and "
+                              "load that on the original base")  # fmt: skip
