@@ -90,7 +90,7 @@ def test_olora_on_an_8bit_layer_restored_leaves_the_weight_and_its_scales(saved)
 # -- carried fault: merge_adapter() on a model transformers loaded in 4 or 8 bits raised TypeError ("cannot merge into
 # Linear4bit, whose weight is stored as torch.uint8"); deltatune's own 4-bit layers are dequantised for good
 # (docs/qlora.md): the bitsandbytes layers now alike, W as peft's dequantize_module_weight gives it (_quant_base.py;
-# wired in by the _lora_conv.py diff of quant's session-58 report) ---------------------------------------------------------
+# wired in by the _lora_conv.py diff of quant's session-58 report) -----------------------------------------------
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_bnb_layer_dequantises_as_peft_and_computes_as_before(saved, bits):
     from peft.utils.integrations import dequantize_module_weight
@@ -108,7 +108,7 @@ def test_a_bnb_layer_dequantises_as_peft_and_computes_as_before(saved, bits):
     assert _quant_base.dequantized(plain) is None
 
 
-@pytest.mark.xfail(strict=True, reason="needs the _lora_conv.py diff of quant's session-58 report (then drop this mark)")
+@pytest.mark.xfail(strict=True, reason="needs the _lora_conv.py diff of quant's session-58 report; then drop it")
 @pytest.mark.parametrize("bits", [4, 8])
 def test_merge_adapter_on_a_model_transformers_loaded_in_4_or_8_bits(saved, bits):
     from peft.utils.integrations import dequantize_module_weight
