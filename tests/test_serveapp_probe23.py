@@ -71,6 +71,60 @@ def test_a_streamed_answer_holds_back_a_text_end_marker_and_trailing_blanks():
     assert pieces == ["hi", " yo"]
 
 
+def test_a_tokenizers_cleanup_takes_back_no_streamed_text():
+    """MiniLM's WordPiece with clean_up_tokenization_spaces on (a WordPiece / Unigram tokenizer_config's, transformers'
+    clean_up_tokenization): " ' " and " n't" take a blank back once the next token comes, so the stream holds the
+    end " '" / " n" until then; the REPL printed "he said '" and stopped (the answer "he said'yes'and left"). A cleanup
+    the stream cannot foresee (a tokenizer's own clean_up_tokenization) ends the line and prints the answer again,
+    not a cut answer."""
+    from tiny import tokenizer
+
+    tok = tokenizer()
+    tok.clean_up_tokenization_spaces = True
+    for said in ("he said ' yes ' and left", "i do n't know , it ' s fine"):
+        ids = tok(said, add_special_tokens=False)["input_ids"]
+        want = tok.decode(ids, skip_special_tokens=True)  # transformers' cleaned text: "he said'yes'and left"
+        assert "' " not in want and " n'" not in want
+        out = io.StringIO()
+        model = _answering(len(tok), [*ids, tok.sep_token_id])
+        assert chat.repl(model, tok, stdin=io.StringIO("hi there\n"), stdout=out, max_new_tokens=20) == 0
+        assert out.getvalue() == want + "\n"
+    tok.clean_up_tokenization = lambda text: text.replace(" - ", "-")  # (one of its own, not transformers')
+    ids = tok("a - b", add_special_tokens=False)["input_ids"]
+    pieces: list[str] = []
+    model = _answering(len(tok), [*ids, tok.sep_token_id])
+    answer = chat.generate(model, tok, tok("hi")["input_ids"], max_new_tokens=8, stream=pieces.append)
+    assert answer == tok.decode(ids) == "a-b"
+    assert "".join(pieces) == "a -\na-b"
+
+
+def test_an_encoder_decoders_answer_is_what_textstreamer_prints():
+    """A tiny BART (its decoder starts on id 2) with MiniLM's tokenizer, where id 2 is "[unused1]", not special:
+    transformers' TextStreamer(skip_prompt=True) skips the decoder's start token, as the stream did, while the answer
+    decoded it ("[unused1] ..."), so stream and answer differed; the answer is now the tokens after it."""
+    import torch
+    from tiny import tiny_model, tokenizer
+    from transformers import TextStreamer
+
+    tok = tokenizer()
+    model = tiny_model("bart", "seq2seq", vocab_size=len(tok)).eval()
+    ids = tok("hello there")["input_ids"]
+    assert model.generation_config.decoder_start_token_id == 2 and 2 not in tok.all_special_ids
+    printed: list[str] = []
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    streamer.on_finalized_text = lambda text, stream_end=False: printed.append(text)
+    torch.manual_seed(0)
+    with torch.no_grad():  # (sampled: greedy, this untrained BART writes its EOS, id 2, at once)
+        model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                       max_new_tokens=12, do_sample=True, temperature=1.2, streamer=streamer,
+                       pad_token_id=tok.pad_token_id)  # fmt: skip
+    pieces: list[str] = []
+    answer = chat.generate(model, tok, ids, max_new_tokens=12, temperature=1.2, seed=0, stream=pieces.append)
+    assert len(answer.split()) > 5
+    assert answer == "".join(printed).strip() and not answer.startswith("[unused1]")
+    assert "".join(pieces) == answer
+
+
 def _serve(tok):
     from test_serve_probe11 import _serve as serve
 
@@ -110,9 +164,11 @@ def test_text_parts_are_joined_as_vllms_chat_utils_joins_them():
 
 
 def test_an_assistant_turns_reasoning_reaches_the_template_as_vllm_hands_it():
-    """vLLM's _parse_chat_message_content: an assistant message's ``reasoning`` (else ``reasoning_content``) goes to
-    the chat template under both names (Qwen3's template writes a tool loop's earlier think blocks from
-    ``reasoning_content``); deltatune dropped it, so the prompt lacked the think block vLLM's has."""
+    """vLLM's _parse_chat_message_content: an assistant message's ``reasoning`` goes to the chat template under both
+    names (Qwen3's template writes a tool loop's earlier think blocks from ``reasoning_content``), "" as it is;
+    deltatune dropped it, so the prompt lacked the think block vLLM's has. deltatune also reads the older
+    ``reasoning_content`` where ``reasoning`` is null or left out (vLLM does not: vllm-project/vllm#38488); a bad
+    value's error names the key it came from."""
     from tiny import smollm2_tokenizer
 
     from deltatune.serve.prompts import _chat_ids
@@ -129,13 +185,24 @@ def test_an_assistant_turns_reasoning_reaches_the_template_as_vllm_hands_it():
     for key in ("reasoning", "reasoning_content"):
         sent = [want[0], {"role": "assistant", "content": "a", key: "why"}, want[2]]
         assert _chat_ids(tok, sent) == ids["input_ids"]
+    empty = [want[0], {**want[1], "reasoning_content": ""}, want[2]]  # (it rendered no think block for "")
+    ids = tok(tok.apply_chat_template(empty, add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+    for given in ({"reasoning": ""}, {"reasoning": "", "reasoning_content": "old"}, {"reasoning": None,
+                  "reasoning_content": ""}):  # fmt: skip
+        assert _chat_ids(tok, [want[0], {"role": "assistant", "content": "a", **given}, want[2]]) == ids["input_ids"]
+    from deltatune.serve.engine import RequestError
+
+    with pytest.raises(RequestError, match=r"messages\[1\]\.reasoning_content must be a string, got 5"):
+        _chat_ids(tok, [want[0], {"role": "assistant", "content": "a", "reasoning_content": 5}, want[2]])
 
 
 def test_a_terminals_line_is_read_with_readline_editing(monkeypatch):
     """At a terminal the REPL reads a line with ``input()`` once readline is imported, as LLaMA-Factory's chat (its
     arrow keys edit the line and recall earlier ones); ``sys.stdin.readline()`` took the keys' escape codes into the
-    message. Ctrl-D (EOFError) ends the chat on a line of its own, as before."""
+    message. Ctrl-D (EOFError) ends the chat on a line of its own, as before. readline is imported by the REPL (it
+    is dropped from sys.modules first; where the platform has it)."""
     import builtins
+    import importlib.util
     import sys
 
     from tiny import smollm2_tokenizer
@@ -156,7 +223,9 @@ def test_a_terminals_line_is_read_with_readline_editing(monkeypatch):
     monkeypatch.setattr(builtins, "input", lambda p: read(p) if len(prompts) < 2 else prompts.append(p) or _eof())
     monkeypatch.setattr(sys, "stdin", Tty("not read\n"))
     monkeypatch.setattr(sys, "stdout", io.StringIO())
+    monkeypatch.delitem(sys.modules, "readline", raising=False)
     assert chat.repl(model, tok, max_new_tokens=4) == 0
+    assert ("readline" in sys.modules) == (importlib.util.find_spec("readline") is not None)
     shown = sys.stdout.getvalue()
     assert prompts == ["you> ", "you> ", "base> "]
     assert shown.splitlines()[1:] == ["ok", "(adapter off: the base model answers)", ""]
@@ -194,3 +263,28 @@ def test_a_lone_surrogate_outside_the_messages_is_a_400_naming_its_field(field):
     assert raised.value.param == field
     tok.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
     assert _chat_ids(tok, messages, None, _rendering(body, None)) == tok("hi")["input_ids"]
+
+
+def test_a_lone_surrogate_is_blamed_on_the_field_the_template_rendered_it_from():
+    """A tool's description and a tool call's arguments both hold "\ud83d", the template renders the arguments alone:
+    the 400 named ``tools`` (the first field holding one), which the template never rendered; it names ``messages``,
+    found by rendering again with each field's surrogates replaced. The tools rendered too: ``tools``."""
+    from tiny import smollm2_tokenizer
+
+    from deltatune.serve.engine import RequestError
+    from deltatune.serve.prompts import _chat_ids, _rendering
+
+    tok = smollm2_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{{ m.content }}{% if m.tool_calls %}{{ m.tool_calls[0].function.arguments.x }}"
+        "{% endif %}{% endfor %}{% if show %}{{ tools[0].function.description }}{% endif %}"
+    )
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"x": "caf\\ud83d"}'}}
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c", "content": "ok"}]  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "f", "description": "caf\ud83d"}}]
+    for show, blamed in ((False, "messages"), (True, "tools")):
+        body = {"messages": messages, "tools": tools, "tool_choice": "none", "chat_template_kwargs": {"show": show}}
+        with pytest.raises(RequestError, match="lone surrogate") as raised:
+            _chat_ids(tok, messages, None, _rendering(body, None))
+        assert raised.value.param == blamed

@@ -148,12 +148,15 @@ def _chat_ids(
                 clean[-1][key] = m[key]
         if calls:
             clean[-1]["tool_calls"] = calls
-        reasoning = (m.get("reasoning") or m.get("reasoning_content")) if m["role"] == "assistant" else None
-        if reasoning is not None and template is None:  # vLLM's: an earlier turn's reasoning, under both names
+        # An earlier turn's reasoning: vLLM reads `reasoning` ("" as is); deltatune also the older name
+        # `reasoning_content` where `reasoning` is null or left out (vLLM does not: vllm-project/vllm#38488)
+        key = "reasoning" if m.get("reasoning") is not None else "reasoning_content"
+        reasoning = m.get(key) if m["role"] == "assistant" else None
+        if reasoning is not None and template is None:  # handed to the chat template under both names
             if not isinstance(reasoning, str):
-                raise RequestError(f"messages[{i}].reasoning must be a string, got {shown(reasoning)}",
+                raise RequestError(f"messages[{i}].{key} must be a string, got {shown(reasoning)}",
                                    param="messages")  # fmt: skip
-            _utf8(reasoning, f"messages[{i}].reasoning", "messages")
+            _utf8(reasoning, f"messages[{i}].{key}", "messages")
             clean[-1].update(reasoning=reasoning, reasoning_content=reasoning)
     source = getattr(tokenizer, "chat_template", None) if template is None else None
     if "developer" not in (source if isinstance(source, str) else ""):  # OpenAI's newer name for the system role
@@ -173,27 +176,29 @@ def _chat_ids(
     taken = [k for k in kwargs if not isinstance(k, str) or (k in named and k != "kwargs") or k == "messages"]
     if taken:  # apply_chat_template's own arguments (tokenize, tools, ...), not the template's variables
         raise RequestError(f"chat_template_kwargs may not set {shown(taken[0])}", param="chat_template_kwargs")
-    try:
-        text = apply_chat_template(
+
+    def render(fields: dict[str, Any]) -> str:
+        return apply_chat_template(
             tokenizer,
             clean,
             tokenize=False,
             add_generation_prompt=options["add_generation_prompt"],
             continue_final_message=options["continue_final_message"],
-            tools=options["tools"],
-            documents=options["documents"],
-            **kwargs,
+            tools=fields["tools"],
+            documents=fields["documents"],
+            **fields["chat_template_kwargs"],
         )
+
+    fields = {key: options[key] for key in ("tools", "documents", "chat_template_kwargs")}
+    try:
+        text = render(fields)
     except ChatTemplateError as exc:  # a 400 naming the template's reason, not a 500
         raise RequestError(str(exc), param="messages") from None
     except ValueError as exc:  # continue_final_message without a final message to continue
         raise RequestError(f"continue_final_message: {exc}", param="continue_final_message") from None
-    if not _is_utf8(text):  # else a 500; named by the field that holds it (the tools', not messages)
-        rendered = {key: json.dumps(options[key], ensure_ascii=False) for key in ("tools", "documents")}
-        rendered["chat_template_kwargs"] = json.dumps(kwargs, ensure_ascii=False)
-        key = next((k for k, v in rendered.items() if not _is_utf8(v)), None)
-        what = key or "the rendered chat (a tool call's arguments)"
-        _utf8(text, what, key or "messages")
+    if not _is_utf8(text):  # else a 500; named by the field whose surrogates the template rendered (not messages)
+        key = next((k for k in fields if _rendered_from(render, fields, k, text)), None)
+        _utf8(text, key or "the rendered chat (a tool call's arguments)", key or "messages")
     return list(tokenizer(text, add_special_tokens=options["add_special_tokens"])["input_ids"])
 
 
@@ -257,6 +262,31 @@ def _utf8(text: str, what: str, param: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise RequestError(f"{what} holds a lone surrogate (\\ud800-\\udfff), not UTF-8 text", param=param) from None
+
+
+def _rendered_from(render: Any, fields: dict[str, Any], key: str, text: str) -> bool:
+    """Whether the lone surrogates of ``text`` come (some of them) from ``fields[key]``: rendered again with that
+    field's surrogates replaced, the text holds fewer (a field holding some that the template leaves out is not it)."""
+    try:
+        again = render({**fields, key: _mended(fields[key])})
+    except Exception:  # noqa: BLE001 (a template that reads the text it was given otherwise: not named by it)
+        return False
+    return _surrogates(again) < _surrogates(text)
+
+
+def _mended(value: Any) -> Any:
+    """``value`` with each string's lone surrogates replaced (by "?"), its lists' and objects' too."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, list):
+        return [_mended(v) for v in value]
+    if isinstance(value, dict):
+        return {_mended(k): _mended(v) for k, v in value.items()}
+    return value
+
+
+def _surrogates(text: str) -> int:
+    return sum(0xD800 <= ord(c) <= 0xDFFF for c in text)
 
 
 def _is_utf8(text: str) -> bool:

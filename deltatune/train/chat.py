@@ -8,6 +8,7 @@ greedy unless a temperature is given.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext, suppress
 from typing import Any
@@ -144,7 +145,9 @@ def generate(
     ``<|im_end|>`` where the tokenizer has no EOS), and, when ``templated`` (the tokenizer's own chat template
     rendered the prompt: :func:`chat_templated`), where that template ends a turn (:func:`_turn_end_id`); not for a
     prompt sent as text (``--raw``, a stage-pt run's samples), which the template never framed. ``stream`` (a beam of
-    one) is handed the answer's text as its tokens come (:class:`_Streamer`), the pieces adding up to the answer.
+    one) is handed the answer's text as its tokens come (:class:`_Streamer`), the pieces adding up to the answer (where
+    a tokenizer's decode took back text already streamed: a newline and the answer again). An encoder-decoder's
+    answer is its decoder's tokens after the start token, as transformers' TextStreamer(skip_prompt=True) prints it.
 
     Raises:
         ConfigError: the prompt and ``max_new_tokens`` do not fit the model's context (a model with learned positions,
@@ -186,28 +189,38 @@ def generate(
             pad_token_id=tok.pad_token_id,
             **sampling,
         )
-    new = out[0, input_ids.shape[1] :] if decoder_only else out[0]
-    answer = tok.decode(new, skip_special_tokens=True)
+    new = out[0, input_ids.shape[1] if decoder_only else 1 :]  # (an encoder-decoder's: after its start token, which
+    answer = tok.decode(new, skip_special_tokens=True)  # a tokenizer not its own may not take as special)
     answer = (answer.split(marker)[0] if marker else answer).strip()
-    rest = answer[len(streamer.sent) :] if streamer is not None and answer.startswith(streamer.sent) else ""
-    if rest:  # what the stream held back and the answer has (a marker's opening that the answer ended with)
-        stream(rest)
+    if streamer is not None and answer.startswith(streamer.sent):  # what the stream held back (a marker's opening)
+        if answer[len(streamer.sent) :]:
+            stream(answer[len(streamer.sent) :])
+    elif streamer is not None:  # decode took back streamed text (a cleanup not foreseen): the answer on a new line
+        stream("\n" + answer)
     return answer
+
+
+# The ends of a text that transformers' clean_up_tokenization (clean_up_tokenization_spaces: WordPiece, Unigram) may
+# still change with the next token by taking a blank back: " '" (of " ' ", " 's", " 'm"), " 'v", " 'r", " n", " n'",
+# " n '" (" n ' t" -> "n't"); " ." and the like take back nothing streamed (a trailing blank is held anyway)
+_CLEANUP_OPEN = re.compile(r" (?:n(?: ?')?|'[vr]?)$")
 
 
 class _Streamer:
     """transformers' streamer protocol (``put`` / ``end``, as its TextStreamer, which transformers' ``chat`` and
     LLaMA-Factory's ``chat`` print answers with as they come): hands ``out`` the answer's new text after each token,
     as :func:`generate` will return it: special tokens skipped, cut at the text ``marker``, its leading blanks dropped,
-    and held back: an unfinished character (U+FFFD), trailing blanks, an opening of the marker."""
+    and held back: an unfinished character (U+FFFD), trailing blanks, an opening of the marker, an end the tokenizer's
+    cleanup may take a blank back from (``_CLEANUP_OPEN``)."""
 
     def __init__(self, tok, marker: str | None, out: Callable[[str], None]) -> None:
         self.tok, self.marker, self.out = tok, marker, out
+        self.cleans = bool(getattr(tok, "clean_up_tokenization_spaces", False))
         self.ids: list[int] = []
         self.sent, self.started, self.done = "", False, False
 
     def put(self, value: torch.Tensor) -> None:
-        if not self.started:  # the prompt (an encoder-decoder's: its decoder's start token)
+        if not self.started:  # the prompt (an encoder-decoder's: its decoder's start token), as TextStreamer skips it
             self.started = True
             return
         self.ids += value.reshape(-1).tolist()
@@ -220,6 +233,8 @@ class _Streamer:
             text = text[: len(text) - next((k for k in range(len(self.marker), 0, -1)
                                             if text.endswith(self.marker[:k])), 0)]  # fmt: skip
         text = text.rstrip("\ufffd").strip()
+        if self.cleans:
+            text = _CLEANUP_OPEN.sub("", text).rstrip()
         if text.startswith(self.sent) and len(text) > len(self.sent):
             self.out(text[len(self.sent) :])
             self.sent = text
