@@ -122,7 +122,7 @@ def match_tensors(
             + "; was it saved with another config or for another model?"
         )
     unexpected = [k for k in tensors if k not in expected and k not in base_params and not _head_echo(k, expected)
-                  and not (k.endswith(".trainable_tokens_delta") and not len(tensors[k]))]  # (peft's for no token ids)  # fmt: skip
+                  and not (k.endswith(".trainable_tokens_delta") and not tensors[k].numel())]  # (peft's for no token ids)  # fmt: skip
     if unexpected:
         raise AdapterLoadError(
             f"{source}: tensor {unexpected[0]!r} does not belong to any module of this model"

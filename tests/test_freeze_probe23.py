@@ -187,6 +187,10 @@ def test_freeze_extra_modules_in_the_frozen_language_tower_is_refused(extra, hel
         dt.get_delta_model(vlm, config)
     assert all(p.requires_grad for p in vlm.parameters())
     assert held in config.for_loading().trainable_base_parameters(vlm)  # (a file saved so loads as it trained)
+    from deltatune.targets import from_file
+
+    with from_file():  # (a run that trained so, resumed: start_model builds it as it trained; it was refused: review)
+        assert held in _trained(dt.get_delta_model(tiny_vlm("llava"), config))
     config = dt.FreezeConfig(freeze_trainable_layers=1, freeze_language_model=True, freeze_vision_tower=False,
                              freeze_extra_modules=["post_layernorm"])  # fmt: skip
     base = tiny_vlm("llava")
@@ -205,6 +209,8 @@ def test_freeze_trainable_modules_wrong_name_refused_with_no_language_stack():
                        r"blocks; their modules: input_layernorm, layer_norm1, layer_norm2, mlp, post_attention_"):  # fmt: skip
         dt.get_delta_model(vlm, dt.FreezeConfig(**config, freeze_trainable_modules=["mlpp"]))
     assert all(p.requires_grad for p in vlm.parameters())
+    loaded = dt.FreezeConfig(**config, freeze_trainable_modules=["mlpp"]).for_loading()  # (a file saved before: loads)
+    assert loaded.trainable_base_parameters(tiny_vlm("llava"), new=False)
     model = dt.get_delta_model(vlm, dt.FreezeConfig(**config, freeze_trainable_modules=["mlp"]))
     assert _trained(model) == _llamafactory_freeze(tiny_vlm("llava"), 1, True, False, True)
 

@@ -181,3 +181,21 @@ def test_a_run_begun_before_its_model_type_had_towers_resumes_as_it_trained(tmp_
     with pytest.raises(ConfigError):
         towers.resolve(_glm4v(), reaching, None, None)
     assert towers.resolve(_glm4v(), reaching, None, towers.saved_config(str(tmp_path / "list"))) is reaching
+
+
+def test_a_0d_token_delta_is_one_line_and_a_keyless_empty_dict_is_refused():
+    """446ca49 skipped a zero-row trainable_tokens_delta by len(): a 0-d tensor of that name raised TypeError ("len()
+    of a 0-d tensor") instead of the file's one line; {"": []} read as none where its key names no module (review)."""
+    import pytest
+    import torch
+
+    import deltatune as dt
+    from deltatune.files import AdapterLoadError, match_tensors
+
+    key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    with pytest.raises(AdapterLoadError, match="does not belong to any module"):
+        match_tensors({key: torch.tensor(1.0)}, {}, {}, "f.safetensors")
+    assert match_tensors({key: torch.zeros(0, 4)}, {}, {}, "f.safetensors") == {}
+    for spec in ({"": []}, {1: []}):
+        with pytest.raises(dt.ConfigError):
+            dt.LoraConfig(trainable_token_indices=spec)

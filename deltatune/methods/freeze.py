@@ -214,7 +214,7 @@ class FreezeConfig(DeltaConfig):
         if isinstance(modules, str):
             picked = [p for p in picked if re.search(modules, p)]
         elif modules is not None:
-            if not depth:  # (freeze_language_model, the other blocks frozen: none trains; a name is still checked)
+            if not depth and new:  # (freeze_language_model, the other blocks frozen: none trains; a name is checked)
                 below = {p[len("{}.{}.".format(*b)) :] for p, b in blocks.items()}
                 if bad := [m for m in modules if not any(u.startswith(m + ".") for u in below)]:
                     raise ConfigError(f"freeze_trainable_modules: {bad[0]!r} is not a module of the model's blocks; "
@@ -361,7 +361,9 @@ def inject(model: nn.Module, config: DeltaConfig, adapter_name: str) -> list[nn.
             for key, _ in TOWER_SWITCHES:
                 if getattr(config, key) is None:
                     setattr(config, key, True)
-        config.trainable_base_parameters(model, new=not getattr(config, "_loading", False))
+        from ..targets import _FROM_FILE  # (a resumed run's checkpoint: built as it trained)
+
+        config.trainable_base_parameters(model, new=not getattr(config, "_loading", False) and not _FROM_FILE.get())
     else:
         config.trainable_base_parameters(model)
     return []
