@@ -12,7 +12,8 @@ from ..config import ConfigError
 def refuse_beside_residual(model: nn.Module, method: str) -> None:
     """ConfigError where a module of ``model`` holds the residual a PiSSA / OLoRA init left, before anything changes."""
     for path, module in model.named_modules():
-        if mutated := sorted(getattr(module, "_from_base", ())):
+        held = getattr(module, "adapter_names", ())  # (a deleted one's residual stays, as LoRA's check reads it)
+        if mutated := sorted(n for n in getattr(module, "_from_base", ()) if n in held):
             raise ConfigError(f"{method}: adapter {mutated[0]!r} was initialised from the base (PiSSA / OLoRA) and left "
                               f"{path} as its residual, which a new adapter would compute with (alone, it would not "
                               "start as the base model); convert it to a plain LoRA first (convert_to_plain_lora) and "
