@@ -11,7 +11,8 @@ from __future__ import annotations
 import collections
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -218,6 +219,21 @@ def enable_layers(model: DeltaModel, enabled: bool) -> None:
             _set_grad(layer, [n for n in held if n not in model.active_adapters], False)
     if enabled:  # peft: enabling is set_adapter(active): their dropout in the layers' mode again
         train_modes(model, model.active_adapters, False)
+
+
+@contextmanager
+def adapters_frozen(model: DeltaModel) -> Iterator[None]:
+    """peft's ``disable_adapter`` block freezes every adapter parameter (its ``disable_adapter_layers``): none trains
+    inside it, as ``get_model_status`` says. Each gets its own flag back after it (peft's block makes the active
+    adapters' trainable, one frozen by ``set_adapter(inference_mode=True)`` too; nested blocks each restore theirs)."""
+    flags = {id(p): (p, p.requires_grad) for _, layer in model._layers() for _, p in _own(layer)}.values()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def unmerge_at_next_forward(layer: DeltaLayer) -> None:

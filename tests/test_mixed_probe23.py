@@ -97,3 +97,23 @@ def test_a_lora_layer_unmerges_every_merged_adapter_without_a_name_as_peft():
     assert mine.merged_adapters == theirs.merged_adapters == []
     torch.testing.assert_close(mine.base_layer.weight, theirs.base_layer.weight)
     torch.testing.assert_close(mine.base_layer.weight, before)
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=True, reason="needs the report's diff of model.py (disable_adapter)")
+def test_no_adapter_parameter_trains_inside_disable_adapter_as_peft():
+    """peft's ``disable_adapter()`` block freezes every adapter parameter (a head's copies too): inside it
+    ``get_model_status`` says trainable_params 0 and requires_grad False for each adapter. deltatune's kept the
+    active adapter's trainable (5,632 parameters). After the block each flag is as before (peft's makes the active
+    ones trainable, whatever they were: deltatune keeps an inference-mode freeze)."""
+    reference, ours = _pair(CONFIGS)
+    for model in (reference, ours):
+        model.set_adapter("x")
+    before = {k: p.requires_grad for k, p in ours.named_parameters()}
+    with reference.disable_adapter(), ours.disable_adapter():
+        theirs, mine = peft.get_model_status(reference), dt.get_model_status(ours)
+        assert (mine.trainable_params, mine.requires_grad) == (theirs.trainable_params, theirs.requires_grad)
+        assert mine.requires_grad == {"x": False, "y": False}
+        layers = {s.name: s.requires_grad for s in peft.get_layer_status(reference)}
+        assert {s.name: s.requires_grad for s in dt.get_layer_status(ours)} == layers
+    assert {k: p.requires_grad for k, p in ours.named_parameters()} == before
+    assert dt.get_model_status(ours).requires_grad == peft.get_model_status(reference).requires_grad
