@@ -6,6 +6,7 @@ the tool (they trained a prompt the server refuses to build)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -81,12 +82,12 @@ DEEP = "[" * 100_000 + "]" * 100_000  # (json.loads: RecursionError, not a JSOND
 @pytest.mark.parametrize(
     "row, says",
     [
-        ({"tools": DEEP}, "column 'tools' is not valid JSON"),
-        ({"tools": [{"name": "get_weather", "parameters": DEEP}]}, "tools[0]: the parameters are not valid JSON"),
-        ({"messages": [U, {**CALL, "tool_calls": DEEP}]}, "messages[1].tool_calls: a function call must be JSON"),
+        ({"tools": DEEP}, "column 'tools': JSON nested too deep to read"),
+        ({"tools": [{"name": "get_weather", "parameters": DEEP}]}, "tools[0]: the parameters: JSON nested too deep"),
+        ({"messages": [U, {**CALL, "tool_calls": DEEP}]}, "messages[1].tool_calls: JSON nested too deep to read"),
         (
             {"messages": [U, {**CALL, "tool_calls": [{"name": "get_weather", "arguments": DEEP}]}]},
-            "messages[1].tool_calls[0].arguments: not valid JSON",
+            "messages[1].tool_calls[0].arguments: JSON nested too deep to read",
         ),
     ],
 )
@@ -97,3 +98,39 @@ def test_json_nested_too_deep_is_refused_in_one_line(tok, row, says):
     with pytest.raises(DataError) as e:
         read_samples([Row(row, "t.jsonl:1")], {}, stage="sft")
     assert str(e.value).startswith("t.jsonl:1: " + says) and "\n" not in str(e.value)
+
+
+def test_json_nested_600_deep_decodes_but_is_refused_naming_the_row_when_rendered(tok):
+    """Nested 600 deep, json decodes the parameters; transformers' chat-template rendering copies them recursively
+    and raised a bare RecursionError naming no row."""
+    deep = '{"a": ' + "[" * 600 + "]" * 600 + "}"
+    with pytest.raises(DataError, match=r"^t\.jsonl:1: JSON nested too deep to render with the chat template$"):
+        _encode(tok, [{"name": "get_weather", "parameters": deep}])
+
+
+def test_chat_template_kwargs_nested_too_deep_is_refused_naming_the_row():
+    row = {"messages": MESSAGES, "tools": [{"name": "get_weather"}], "chat_template_kwargs": DEEP}
+    with pytest.raises(DataError, match=r"^t\.jsonl:1: column 'chat_template_kwargs': JSON nested too deep to read$"):
+        read_samples([Row(row, "t.jsonl:1")], {}, stage="sft")
+
+
+@pytest.mark.parametrize("name", ["deep.jsonl", "deep.json"])
+def test_a_file_line_nested_too_deep_is_refused_naming_file_and_line(tmp_path, name):
+    """A .jsonl line (or a .json list's item) nested 5000 deep raised RecursionError from inside json."""
+    from deltatune.data.load import read_rows
+
+    row = f'{{"messages": {json.dumps(MESSAGES)}, "tools": [{{"name": "f", "parameters": {DEEP[::20]}}}]}}'
+    path = tmp_path / name
+    path.write_text(f"{json.dumps({'messages': MESSAGES})}\n{row}\n" if name.endswith("l") else f"[{{}},\n{row}]\n")
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}:2: nested too deep to read$"):
+        read_rows(str(path))
+
+
+def test_a_tool_whose_type_is_not_function_is_refused_naming_row_and_tool(tok):
+    """``{"type": "retrieval", ...}`` trained as written; deltatune serve (as vLLM's ChatCompletionToolsParam, a
+    Literal["function"]) refuses it in a request."""
+    tool = {"type": "retrieval", "function": {"name": "get_weather", "parameters": PARAMS}}
+    with pytest.raises(RequestError):
+        _tools({"tools": [tool], "tool_choice": "none"})
+    with pytest.raises(DataError, match=r"^t\.jsonl:1: tools\[0\]: the tool's type must be 'function'.*'retrieval'$"):
+        _encode(tok, [tool])

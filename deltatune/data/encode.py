@@ -28,6 +28,7 @@ from .raw import raw_refusal, raw_sft, raw_text
 from .sample import Message, Sample, as_written
 from .tasks import Encoded, _fit
 from .templates import IGNORE_INDEX, TEMPLATES, ChatTemplateError, apply_chat_template, has_tool_support, render
+from .tools import refusal
 
 RAW = "raw"
 """No template: plain prompt and response strings, encoded as before chat templates."""
@@ -42,10 +43,10 @@ def _named(fn: _F) -> _F:
     def wrapper(s: Sample, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(s, *args, **kwargs)
-        except ChatTemplateError as exc:
+        except (ChatTemplateError, RecursionError) as exc:  # (a row nested too deep for transformers' rendering)
             if not s.source:
                 raise
-            raise DataError(f"{s.source}: {exc}") from None
+            raise DataError(f"{s.source}: {refusal(exc)}") from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -376,6 +376,8 @@ def _template_kwargs(row: Row, c: dict[str, str]) -> dict[str, Any] | None:
             value = json.loads(value) if value.strip() else {}
         except json.JSONDecodeError:
             raise DataError(f"{row.source}: column {column!r} must be a JSON object, got {value[:40]!r}") from None
+        except RecursionError:
+            raise DataError(f"{row.source}: column {column!r}: JSON nested too deep to read") from None
         if value is None:  # (JSON's null, as a real null: no variables)
             return None
     if not isinstance(value, dict):

@@ -250,6 +250,8 @@ def _jsonl(path: str, _column: str, limit: int | None) -> list[Row]:
                 raise DataError(f"{path}:{i}: not valid JSON ({_json_fault(fault)[1]})") from None
             except _Twice as twice:
                 raise DataError(f"{path}:{i}: {twice}") from None
+            except RecursionError:  # (json's decoder recurses once a level: a line nested thousands deep)
+                raise DataError(f"{path}:{i}: nested too deep to read") from None
             if not isinstance(data, dict):
                 raise DataError(f"{path}:{i}: expected a JSON object, got {type(data).__name__}")
             rows.append(Row(data, f"{path}:{i}"))
@@ -339,6 +341,8 @@ def _json(path: str, _column: str, limit: int | None) -> list[Row]:
     except _Twice as twice:  # (in the item that begins at pos: named by its index too, as rows sharing a line are)
         item = f" (item {len(found)})" if text[skip(0)] == "[" else ""
         raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}{item}: {twice}") from None
+    except RecursionError:  # (in the item that begins at pos)
+        raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: nested too deep to read") from None
     starts = [at for at, _ in found] + ([pos] if closed is None else [])  # (the next item's: a limit stopped it)
     lines, line, last = [], 1, 0
     for at in starts:  # (counted on from the last item: one pass over the text)

@@ -7,13 +7,24 @@ from typing import Any
 
 from .load import DataError, Row
 
+TOO_DEEP = "JSON nested too deep to read"
+"""A JSON text nested past Python's recursion limit (json raises RecursionError; serve answers it with a 400)."""
+
+
+def refusal(exc: Exception) -> str:
+    """A chat template's refusal (encode.py's ``_named``) in words: a row nested too deep for transformers' rendering
+    (its template data is copied recursively) raised a bare RecursionError naming nothing."""
+    return "JSON nested too deep to render with the chat template" if isinstance(exc, RecursionError) else str(exc)
+
 
 def tool_calls(value: Any, where: str) -> list[dict]:
     """Tool calls as transformers' chat templates read them, arguments parsed to a dict."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except (ValueError, RecursionError):  # (JSONDecodeError; nesting too deep to decode)
+        except RecursionError:
+            raise DataError(f"{where}: {TOO_DEEP}") from None
+        except ValueError:  # (JSONDecodeError)
             raise DataError(
                 f"{where}: a function call must be JSON ({{name, arguments}}), got {value[:40]!r}"
             ) from None
@@ -35,7 +46,9 @@ def tool_calls(value: Any, where: str) -> list[dict]:
             if isinstance(args, str):
                 try:
                     args = json.loads(args) if args.strip() else {}
-                except (ValueError, RecursionError):
+                except RecursionError:
+                    raise DataError(f"{at}.arguments: {TOO_DEEP}") from None
+                except ValueError:
                     raise DataError(f"{at}.arguments: not valid JSON") from None
         if args is None:
             args = {}
@@ -61,7 +74,9 @@ def row_tools(row: Row, column: str) -> list[dict] | None:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except (ValueError, RecursionError):
+        except RecursionError:
+            raise DataError(f"{row.source}: column {column!r}: {TOO_DEEP}") from None
+        except ValueError:
             raise DataError(f"{row.source}: column {column!r} is not valid JSON") from None
     if isinstance(value, dict):
         value = [value]
@@ -89,6 +104,8 @@ def _checked(tool: dict, where: str) -> dict:
     """``tool`` with its parameters written as JSON text read as the object they hold, checked as vLLM (and deltatune
     serve) check a request's tools: a text description, an object (JSON Schema) for parameters. A row's schema the
     server would refuse trained a prompt no request gets (a quoted text or a list where the schema goes)."""
+    if tool.get("type", "function") != "function":  # (vLLM's ChatCompletionToolsParam: Literal["function"])
+        raise DataError(f"{where}: the tool's type must be 'function' (as vLLM and serve take), got {tool['type']!r}")
     fn = dict(tool["function"])
     about, params = fn.get("description"), fn.get("parameters")
     if not isinstance(about, (str, type(None))):
@@ -96,7 +113,9 @@ def _checked(tool: dict, where: str) -> dict:
     if isinstance(params, str):
         try:
             params = json.loads(params) if params.strip() else None
-        except (ValueError, RecursionError):
+        except RecursionError:
+            raise DataError(f"{where}: the parameters: {TOO_DEEP}") from None
+        except ValueError:
             raise DataError(f"{where}: the parameters are not valid JSON") from None
     if not isinstance(params, (dict, type(None))):
         raise DataError(f"{where}: the parameters must be a JSON Schema object, got {type(params).__name__}")
