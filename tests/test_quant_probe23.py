@@ -106,6 +106,12 @@ def test_a_bnb_layer_dequantises_as_peft_and_computes_as_before(saved, bits):
     with torch.no_grad():
         torch.testing.assert_close(plain(x), out, atol=1e-5, rtol=1e-5)
     assert _quant_base.dequantized(plain) is None
+    if bits == 8:  # llm_int8_has_fp16_weight=True: W kept in floating point, no row scales: merged into in place
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_has_fp16_weight=True)
+        fp16 = AutoModelForCausalLM.from_pretrained(saved, quantization_config=config, device_map="cpu")
+        assert _quant_base.dequantized(fp16.model.layers[0].mlp.down_proj) is None
 
 
 @pytest.mark.xfail(strict=True, reason="needs the _lora_conv.py diff of quant's session-58 report; then drop it")
