@@ -75,3 +75,15 @@ def test_new_adapter_beside_a_pissa_residual_refused(method):
     plain.add_adapter("new", config)
     plain.set_adapter("new")
     torch.testing.assert_close(output_of(plain, x), output_of(model, x))
+
+
+def test_new_adapter_after_the_pissa_lora_deleted_taken_as_lora():
+    # LoRA's own check reads only the residuals of adapters the module still holds: a new LoRA is taken after the
+    # PiSSA adapter is deleted, and so is an (IA)^3 adapter (the first _base_kept refused it: its left-over name)
+    from deltatune import LoraConfig
+
+    delta = get_delta_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
+    delta.delete_adapter("default")
+    delta.add_adapter("lora", LoraConfig(r=2, target_modules=["o_proj"]))
+    delta.add_adapter("ia3", IA3Config(target_modules=["k_proj"]))
+    assert sorted(delta.peft_config) == ["ia3", "lora"]
