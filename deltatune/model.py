@@ -356,7 +356,7 @@ class DeltaModel(nn.Module, PushToHub):
         """Within the block the model computes as the base model (merged adapters are unmerged meanwhile, and merged
         again after it: peft's stay unmerged after a forward in its block, so its merged adapters that are not active
         stop counting; tests/test_matrix.py pins this one)."""
-        with self._unmerged():
+        with self._unmerged(), status.adapters_frozen(self):
             saved = [(layer, layer.disabled) for _, layer in self._layers()]  # nested blocks: each restores its own
             for layer, _ in saved:
                 layer.disabled = True

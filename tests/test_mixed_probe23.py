@@ -82,7 +82,6 @@ def test_a_layer_unmerges_every_merged_adapter_without_a_name_as_peft():
         assert [str(w.message) for w in caught] == ["Already unmerged. Nothing to do."]
 
 
-@pytest.mark.xfail(raises=TypeError, strict=True, reason="needs the report's diff of methods/_lora_conv.py")
 def test_a_lora_layer_unmerges_every_merged_adapter_without_a_name_as_peft():
     """As the IA3 test, for LoRA, whose ``_LoraBase.unmerge(name)`` (methods/_lora_conv.py) still needs a name."""
     reference, ours = _pair(CONFIGS)
@@ -99,7 +98,6 @@ def test_a_lora_layer_unmerges_every_merged_adapter_without_a_name_as_peft():
     torch.testing.assert_close(mine.base_layer.weight, before)
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True, reason="needs the report's diff of model.py (disable_adapter)")
 def test_no_adapter_parameter_trains_inside_disable_adapter_as_peft():
     """peft's ``disable_adapter()`` block freezes every adapter parameter (a head's copies too): inside it
     ``get_model_status`` says trainable_params 0 and requires_grad False for each adapter. deltatune's kept the

@@ -90,11 +90,13 @@ class _LoraBase(DeltaLayer):
         r, alpha = self.r[name], self.lora_alpha[name]
         return alpha / math.sqrt(r) if self.use_rslora[name] else alpha / r
 
-    def unmerge(self, name: str) -> None:
+    def unmerge(self, name: str | None = None) -> None:
         """``DeltaLayer.unmerge``: the update taken off at the scale it was merged at (a scale changed since, by
         ``set_scale`` or ``rescale_adapter_scale``, does not reach the merged weights), the adapters merged after it
-        put back at theirs."""
+        put back at theirs. Without a name, every merged adapter (peft's ``unmerge()``), each by this method."""
         super().unmerge(name)
+        if name is None:
+            return
         if name not in self.merged_adapters:
             self._merged_scaling.pop(name, None)
 
