@@ -53,14 +53,16 @@ from .model import DeltaModel
 
 
 # -- writing ----------------------------------------------------------------------------------------------------
-def _plain_lora(model: DeltaModel, name: str, dora: bool = False) -> Any:
-    """The config of adapter ``name``, checked to be a plain LoRA (no other method; no DoRA unless ``dora``)."""
+def _plain_lora(model: DeltaModel, name: str, dora: bool = False, component: str = "") -> Any:
+    """The config of adapter ``name``, checked to be a plain LoRA (no other method; no DoRA unless ``dora``); the
+    refusals name the model where a file of ``component`` is written."""
     model._check_names([name])
     config = model.peft_config[name]
+    where = f"the {component} model's adapter {name!r}" if component else f"adapter {name!r}"
     if config.peft_type != "LORA":
-        raise ConfigError(f"adapter {name!r} is {config.peft_type}, not LoRA: these files hold LoRA adapters only")
+        raise ConfigError(f"{where} is {config.peft_type}, not LoRA: these files hold LoRA adapters only")
     if config.use_dora and not dora:
-        raise ConfigError(f"adapter {name!r} is DoRA; kohya's files and this call take plain LoRA updates only")
+        raise ConfigError(f"{where} is DoRA; kohya's files and this call take plain LoRA updates only")
     return config
 
 
@@ -80,10 +82,8 @@ def _lora(
     from .targets import pattern_value
 
     name = adapter_name or model.active_adapter
-    config = _plain_lora(model, name, dora)
+    config = _plain_lora(model, name, dora, component)
     start = check_base(model, name, initial, component) if component else None  # (None: the original base)
-    if start is not None and config.use_dora:
-        raise ConfigError(f"the {component} model's adapter {name!r} is DoRA, whose update no plain LoRA equals")
     tensors = model.adapter_state_dict(name)
     modules: dict[str, dict[str, Any]] = {}
     keys: dict[str, str] = {}
@@ -185,7 +185,7 @@ def save_kohya_lora(
     ``initial``: as ``save_diffusers_lora``'s (PiSSA, OLoRA written as peft's plain conversion). Returns the path.
 
     Raises:
-        ConfigError: the adapter is not a plain LoRA (DoRA, another method), or, naming the model (``prefix``), was
+        ConfigError: naming the model (``prefix``), the adapter is not a plain LoRA (DoRA, another method), or was
             initialised from the base without ``initial``, or with LoftQ (merge it instead); ``initial`` lacks a
             module's tensor.
     """

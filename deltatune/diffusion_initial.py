@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .config import WEIGHTS_NAME, ConfigError
+from .config import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, ConfigError
 from .model import DeltaModel
 
 
@@ -46,7 +46,8 @@ def check_base(model: DeltaModel, name: str, initial: Any, component: str) -> di
     was not (``initial`` is not needed then).
 
     Raises:
-        ConfigError: initialised from the base without ``initial``, or by LoftQ (no plain LoRA equals it).
+        ConfigError: initialised from the base as a DoRA, or by LoftQ (no plain LoRA equals either), or without
+            ``initial`` (a dict, or a folder holding adapter_model.safetensors or peft's adapter_model.bin).
     """
     if not from_base(model, name):
         return None
@@ -57,6 +58,8 @@ def check_base(model: DeltaModel, name: str, initial: Any, component: str) -> di
             f"{where}: its base is the quantised Q, which no LoRA file on the original base equals; merge it "
             "(merge_and_unload) and save that base instead"
         )
+    if model.peft_config[name].use_dora:  # (before initial: none would make it one)
+        raise ConfigError(f"the {component} model's adapter {name!r} is DoRA, whose update no plain LoRA equals")
     if initial is None:
         raise ConfigError(
             f"{where}: the model's base weights are its residual, and a LoRA file loads on the original base; give "
@@ -66,7 +69,9 @@ def check_base(model: DeltaModel, name: str, initial: Any, component: str) -> di
     if isinstance(initial, (str, os.PathLike)):
         from safetensors.torch import load_file
 
-        path = os.path.join(initial, WEIGHTS_NAME)
+        path, pickled = os.path.join(initial, WEIGHTS_NAME), os.path.join(initial, PICKLE_WEIGHTS_NAME)
+        if not os.path.isfile(path) and os.path.isfile(pickled):  # peft's torch.save file (convert_to_plain_lora's)
+            return dict(torch.load(pickled, map_location="cpu", weights_only=True))
         if not os.path.isfile(path):
             raise ConfigError(f"initial: {path} is not a file (the folder the adapter was saved to after its init)")
         initial = load_file(path)
@@ -76,7 +81,8 @@ def check_base(model: DeltaModel, name: str, initial: Any, component: str) -> di
 def converted(modules: dict[str, dict[str, Any]], keys: dict[str, str], start: dict[str, torch.Tensor],
               rslora: bool, component: str) -> None:  # fmt: skip
     """``modules`` (diffusion._lora's) made peft's plain conversion in place: A' = [A; A0], B' = [B, -B0], r 2r,
-    alpha x2 (x sqrt 2 with rsLoRA), the scale unchanged. ``keys``: each module path's adapter key stem.
+    alpha x2 (x sqrt 2 with rsLoRA), the scale unchanged; built on the CPU (the file's device: no GPU memory added).
+    ``keys``: each module path's adapter key stem.
 
     Raises:
         ConfigError: ``start`` lacks a module's tensor or holds one of another shape (another adapter's).
@@ -91,9 +97,9 @@ def converted(modules: dict[str, dict[str, Any]], keys: dict[str, str], start: d
                     f"initial {got} {key} (the {component} model's is {tuple(m[leaf].shape)}): give the tensors this "
                     "adapter had right after its init"
                 )
-            parts.append(start[key].to(m[leaf].device, m[leaf].dtype))
-        m["A"] = torch.cat([m["A"], parts[0]], 0)
-        m["B"] = torch.cat([m["B"], -parts[1]], 1)
+            parts.append(start[key].to("cpu", m[leaf].dtype))
+        m["A"] = torch.cat([m["A"].cpu(), parts[0]], 0)
+        m["B"] = torch.cat([m["B"].cpu(), -parts[1]], 1)
         m["r"], m["alpha"] = 2 * m["r"], m["alpha"] * (math.sqrt(2) if rslora else 2)
 
 
@@ -111,5 +117,8 @@ def run_note(method: Any) -> list[str]:
                 "LoRA file on the original base equals); merge the run (merge_and_unload) and save that base")  # fmt: skip
         print(f"deltatune: note: {note}", file=sys.stderr)
         return [note]
+    if method.bias != "none" or method.modules_to_save:  # (no file: t2i._plain_lora, as for any LoRA run)
+        return []
+    alpha = "x sqrt 2 (rsLoRA)" if method.use_rslora else "x2"
     return [f"method.init_lora_weights={init}: pytorch_lora_weights.safetensors holds peft's conversion of the "
-            "adapter (rank 2r: A' = [A; A0], B' = [B, -B0], alpha x2), which loads on the original base"]  # fmt: skip
+            f"adapter (rank 2r: A' = [A; A0], B' = [B, -B0], alpha {alpha}), which loads on the original base"]  # fmt: skip

@@ -293,3 +293,107 @@ def test_final_validation_copied_from_the_last_epochs_drawing_is_never_half_writ
     v.pending = (SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=3), None, False)
     v.final()
     assert (folder / "final.png").read_bytes() == (folder / "epoch-1.png").read_bytes()
+
+
+def test_the_t2i_trainer_keeps_the_denoisers_initial_tensors_when_it_takes_the_model(tmp_path):
+    """A t2i run converts a PiSSA / OLoRA LoRA with the tensors T2ITrainer keeps when it takes the denoiser (before a
+    --resume loads the checkpoint's); nothing checked that it keeps them (the line gone: every test passed and an
+    OLoRA run wrote no pytorch_lora_weights.safetensors). The trainer built as a run builds it, no step taken."""
+    import types
+
+    import transformers
+
+    from deltatune.diffusion_initial import initial_tensors
+    from deltatune.train import t2i
+
+    model = dt.get_delta_model(tiny_unet(), dt.LoraConfig(r=2, target_modules=["to_q"], init_lora_weights="olora"))
+    want = initial_tensors(model)
+    processor = types.SimpleNamespace(text_encoder=None, trains_text_encoder=False, vae=None, denoiser=None,
+                                      initial=None)  # fmt: skip
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    t2i.T2ITrainer(model=model, args=args, processor=processor)
+    assert processor.denoiser is model and processor.initial is not None, processor.initial
+    assert processor.initial.keys() == want.keys() and all(
+        torch.equal(v, want[k]) for k, v in processor.initial.items()
+    )
+    _trained(model)
+    assert t2i._plain_lora(model, processor.initial)  # (the save writes the converted file)
+    assert not torch.equal(model.adapter_state_dict("default")[next(iter(want))], processor.initial[next(iter(want))])
+
+
+def test_the_conversion_is_built_on_the_cpu_adding_no_gpu_memory():
+    """converted() moved the start tensors to the adapter's device and built A' = [A; A0], B' = [B, -B0] there (the
+    whole rank-2r LoRA again in GPU memory at a save); the file's tensors are the CPU's. Checked with fake CUDA
+    tensors (torch's FakeTensorMode: no GPU needed): the result is on the CPU, its values peft's conversion's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from deltatune.diffusion_initial import converted
+
+    start = {"k.lora_A.weight": torch.ones(2, 4), "k.lora_B.weight": torch.ones(3, 2)}
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        modules = {"p": {"A": torch.zeros(2, 4, device="cuda"), "B": torch.zeros(3, 2, device="cuda"), "r": 2,
+                         "alpha": 4.0}}  # fmt: skip
+        converted(modules, {"p": "k"}, start, False, "unet")
+        m = modules["p"]
+        assert (m["A"].device.type, m["B"].device.type) == ("cpu", "cpu"), (m["A"].device, m["B"].device)
+    assert (tuple(m["A"].shape), tuple(m["B"].shape), m["r"], m["alpha"]) == ((4, 4), (3, 4), 4, 8.0)
+    real = {"p": {"A": torch.zeros(2, 4), "B": torch.zeros(3, 2), "r": 2, "alpha": 4.0}}
+    converted(real, {"p": "k"}, start, True, "unet")
+    assert torch.equal(real["p"]["A"], torch.cat([torch.zeros(2, 4), torch.ones(2, 4)]))
+    assert torch.equal(real["p"]["B"], torch.cat([torch.zeros(3, 2), -torch.ones(3, 2)], 1))
+    assert real["p"]["alpha"] == 4.0 * 2**0.5  # (rsLoRA: alpha / sqrt(2r) = 4 / sqrt(r) kept)
+
+
+def test_the_run_note_says_rsloras_alpha_and_claims_no_file_a_run_does_not_write():
+    """run_note said "alpha x2" where rsLoRA's conversion is alpha x sqrt 2 (peft's adapter_config.json: 4 -> 5.657,
+    tested above), and claimed the file for a LoRA with biases or modules_to_save, for which t2i._plain_lora writes
+    none (as for any LoRA run: no note)."""
+    from deltatune.diffusion_initial import run_note
+    from deltatune.train import t2i
+
+    assert "alpha x2)" in run_note(dt.LoraConfig(init_lora_weights="pissa"))[0]
+    assert "alpha x sqrt 2 (rsLoRA))" in run_note(dt.LoraConfig(init_lora_weights="pissa", use_rslora=True))[0]
+    for extra in (dict(bias="all"), dict(bias="lora_only"), dict(modules_to_save=["conv_in"])):
+        config = dt.LoraConfig(r=2, target_modules=["to_q"], init_lora_weights="olora", **extra)
+        model = dt.get_delta_model(tiny_unet(), config)
+        assert not t2i._plain_lora(model, {"any": torch.zeros(1)})  # (no file written)
+        assert run_note(config) == [], extra
+
+
+def test_a_dora_from_the_base_is_refused_as_a_dora_and_kohyas_refusal_names_the_model(tmp_path):
+    """A DoRA initialised by PiSSA without initial= was told to "give initial=", and with it got the DoRA refusal:
+    it is told it is a DoRA first. save_kohya_lora's DoRA refusal named no model ("adapter 'default' is DoRA") where
+    its others name it (unet, text_encoder); nothing is written."""
+    from deltatune.diffusion import save_diffusers_lora, save_kohya_lora
+    from deltatune.diffusion_initial import initial_tensors
+
+    dora = dt.get_delta_model(tiny_unet(), dt.LoraConfig(r=2, target_modules=["to_q"], init_lora_weights="pissa",
+                                                         use_dora=True))  # fmt: skip
+    for initial in (None, initial_tensors(dora)):
+        with pytest.raises(ConfigError, match=r"^the unet model's adapter 'default' is DoRA, whose update no plain"):
+            save_diffusers_lora(dora, tmp_path / "d", initial=initial)
+        with pytest.raises(ConfigError, match=r"^the unet model's adapter 'default' is DoRA; kohya's files"):
+            save_kohya_lora(dora, tmp_path / "k.safetensors", initial=initial)
+    plain = dt.get_delta_model(tiny_unet(), dt.LoraConfig(r=2, target_modules=["to_q"], use_dora=True))
+    with pytest.raises(ConfigError, match=r"^the text_encoder model's adapter 'default' is DoRA; kohya's files"):
+        save_kohya_lora(plain, tmp_path / "t.safetensors", prefix="text_encoder")
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_initial_folder_holding_adapter_model_bin_is_read_as_convert_to_plain_lora_reads_it(tmp_path):
+    """peft saves with safe_serialization=False as adapter_model.bin; convert_to_plain_lora reads such a folder, the
+    file writers refused it ("adapter_model.safetensors is not a file"). Now the file equals the one from the
+    tensors themselves."""
+    from safetensors.torch import load_file
+
+    from deltatune.diffusion import save_diffusers_lora
+    from deltatune.diffusion_initial import initial_tensors
+
+    model = dt.get_delta_model(tiny_unet(), dt.LoraConfig(r=2, target_modules=["to_q"], init_lora_weights="olora"))
+    initial = initial_tensors(model)
+    (tmp_path / "init").mkdir()
+    torch.save(initial, tmp_path / "init" / "adapter_model.bin")
+    _trained(model)
+    want = load_file(save_diffusers_lora(model, tmp_path / "a", initial=initial))
+    got = load_file(save_diffusers_lora(model, tmp_path / "b", initial=tmp_path / "init"))
+    assert got.keys() == want.keys() and all(torch.equal(v, want[k]) for k, v in got.items())
