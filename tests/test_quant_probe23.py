@@ -114,7 +114,6 @@ def test_a_bnb_layer_dequantises_as_peft_and_computes_as_before(saved, bits):
         assert _quant_base.dequantized(fp16.model.layers[0].mlp.down_proj) is None
 
 
-@pytest.mark.xfail(strict=True, reason="needs the _lora_conv.py diff of quant's session-58 report; then drop it")
 @pytest.mark.parametrize("bits", [4, 8])
 def test_merge_adapter_on_a_model_transformers_loaded_in_4_or_8_bits(saved, bits):
     from peft.utils.integrations import dequantize_module_weight
