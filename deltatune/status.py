@@ -227,6 +227,7 @@ def adapters_frozen(model: DeltaModel) -> Iterator[None]:
     inside it, as ``get_model_status`` says. Each gets its own flag back after it (peft's block makes the active
     adapters' trainable, one frozen by ``set_adapter(inference_mode=True)`` too; nested blocks each restore theirs)."""
     flags = {id(p): (p, p.requires_grad) for _, layer in model._layers() for _, p in _own(layer)}.values()
+    active = list(model.active_adapters)
     for p, _ in flags:
         p.requires_grad_(False)
     try:
@@ -234,6 +235,8 @@ def adapters_frozen(model: DeltaModel) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+        if list(model.active_adapters) != active:  # (a set_adapter inside the block: its adapters train after it)
+            apply_active(model)
 
 
 def unmerge_at_next_forward(layer: DeltaLayer) -> None:

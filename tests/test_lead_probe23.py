@@ -199,3 +199,35 @@ def test_a_0d_token_delta_is_one_line_and_a_keyless_empty_dict_is_refused():
     for spec in ({"": []}, {1: []}):
         with pytest.raises(dt.ConfigError):
             dt.LoraConfig(trainable_token_indices=spec)
+
+
+def test_an_ia3_or_bottleneck_file_loads_beside_a_pissa_lora_and_set_adapter_in_a_disabled_block_holds(tmp_path):
+    """e7855d6 refused a new (IA)^3 / bottleneck adapter beside a PiSSA residual, and refused loading such a FILE too
+    (peft loads it; a pair trained before could no longer load); 06ba7b9's disable_adapter block put back the flags
+    of before it, so a set_adapter inside it left the old adapter trainable, the new one frozen (peft: the active
+    one trains) (review)."""
+    import copy
+
+    import pytest
+
+    import deltatune as dt
+    from tests.tiny import tiny_model
+
+    base = tiny_model("llama")
+    pissa = dt.get_delta_model(
+        copy.deepcopy(base), dt.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa")
+    )
+    pissa.save_pretrained(str(tmp_path / "pissa"))
+    for name, config in (("ia3", dt.IA3Config(target_modules=["k_proj"])), ("bn", dt.BottleneckConfig())):
+        dt.get_delta_model(copy.deepcopy(base), config).save_pretrained(str(tmp_path / name))
+        model = dt.DeltaModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "pissa"))
+        with pytest.raises(dt.ConfigError, match="initialised from the base"):  # (a new one: refused, as before)
+            model.add_adapter("new", config)
+        model.load_adapter(str(tmp_path / name), adapter_name=name)
+        assert name in model.peft_config
+    model = dt.get_delta_model(copy.deepcopy(base), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("y", dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    with model.disable_adapter():
+        model.set_adapter("y")
+    trains = {n: any(p.requires_grad for k, p in model.named_parameters() if f".{n}." in k) for n in ("default", "y")}
+    assert trains == {"default": False, "y": True}

@@ -11,6 +11,10 @@ from ..config import ConfigError
 
 def refuse_beside_residual(model: nn.Module, method: str) -> None:
     """ConfigError where a module of ``model`` holds the residual a PiSSA / OLoRA init left, before anything changes."""
+    from ..targets import _FROM_FILE
+
+    if _FROM_FILE.get():  # (a file's weights: they trained beside that residual, and load as peft loads them)
+        return
     for path, module in model.named_modules():
         held = getattr(module, "adapter_names", ())  # (a deleted one's residual stays, as LoRA's check reads it)
         if mutated := sorted(n for n in getattr(module, "_from_base", ()) if n in held):

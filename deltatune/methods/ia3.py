@@ -222,7 +222,7 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> list[nn.Mo
                 kinds = ("not feed-forward (output scaled)", "feed-forward (input scaled)")
                 raise ConfigError(
                     f"ia3: {name} holds (IA)^3 adapters {kinds[module.is_feedforward]}; this config makes it "
-                    f"{kinds[not module.is_feedforward]} (feedforward_modules={config.feedforward_modules!r}); the "
+                    f"{kinds[not module.is_feedforward]} (feedforward_modules={feedforward!r}); the "
                     "adapters of one layer share its kind: give feedforward_modules alike"
                 )
             plan.append((name, module, False))
