@@ -1,5 +1,5 @@
 """QLoRA probe 23 (deltatune/methods/_quant_olora.py) against peft 0.21.2 / 0.22.0's bitsandbytes LoRA layers on a
-model transformers 5.25 loaded with BitsAndBytesConfig(load_in_8bit=True) / (load_in_4bit=True); _quant_base.py."""
+model transformers 5.25 loaded with BitsAndBytesConfig(load_in_8bit=True)."""
 
 from __future__ import annotations
 
@@ -85,48 +85,3 @@ def test_olora_on_an_8bit_layer_restored_leaves_the_weight_and_its_scales(saved)
     assert base.weight is weight and torch.equal(_scb(base), scb)
     with torch.no_grad():
         assert torch.equal(base(x), before)
-
-
-# -- carried fault: merge_adapter() on a model transformers loaded in 4 or 8 bits raised TypeError ("cannot merge into
-# Linear4bit, whose weight is stored as torch.uint8"); deltatune's own 4-bit layers are dequantised for good
-# (docs/qlora.md): the bitsandbytes layers now alike, W as peft's dequantize_module_weight gives it (_quant_base.py;
-# wired in by the _lora_conv.py diff of quant's session-58 report) -----------------------------------------------
-@pytest.mark.parametrize("bits", [4, 8])
-def test_a_bnb_layer_dequantises_as_peft_and_computes_as_before(saved, bits):
-    from peft.utils.integrations import dequantize_module_weight
-
-    from deltatune.methods import _quant_base
-
-    layer = _load8(saved, bits).model.layers[0].mlp.down_proj.train()  # (train: bnb repacks CPU 4-bit bytes on eval)
-    x = torch.randn(3, 128)
-    with torch.no_grad():
-        out, weight = layer(x), dequantize_module_weight(layer).clone()
-    plain = _quant_base.dequantized(layer)
-    assert type(plain).__name__ == "DequantizedLinear" and torch.equal(plain.weight, weight.float())
-    with torch.no_grad():
-        torch.testing.assert_close(plain(x), out, atol=1e-5, rtol=1e-5)
-    assert _quant_base.dequantized(plain) is None
-    if bits == 8:  # llm_int8_has_fp16_weight=True: W kept in floating point, no row scales: merged into in place
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_has_fp16_weight=True)
-        fp16 = AutoModelForCausalLM.from_pretrained(saved, quantization_config=config, device_map="cpu")
-        assert _quant_base.dequantized(fp16.model.layers[0].mlp.down_proj) is None
-
-
-@pytest.mark.parametrize("bits", [4, 8])
-def test_merge_adapter_on_a_model_transformers_loaded_in_4_or_8_bits(saved, bits):
-    from peft.utils.integrations import dequantize_module_weight
-
-    config = dt.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
-    model, inputs = dt.get_delta_model(_load8(saved, bits), config).train(), tiny_inputs("llama")
-    layer = model.get_base_model().model.layers[1].mlp.down_proj
-    with torch.no_grad():
-        before, weight = model(**inputs).logits, dequantize_module_weight(layer.base_layer).float().clone()
-        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        model.merge_adapter()
-        assert torch.equal(layer.base_layer.weight, weight + (B @ A) * 2.0)  # s = 8 / 4
-        torch.testing.assert_close(model(**inputs).logits, before, atol=1e-5, rtol=0)  # (peft: 0.09 off, requantised)
-        model.unmerge_adapter()
-        torch.testing.assert_close(layer.base_layer.weight, weight, atol=1e-6, rtol=0)
-        torch.testing.assert_close(model(**inputs).logits, before, atol=1e-5, rtol=0)

@@ -23,7 +23,6 @@ from torch import nn
 from ..config import ConfigError, DeltaConfig
 from ..layer import DeltaLayer, DequantizedLinear, NotMergeable
 from . import _lora_init as inits
-from . import _quant_base
 from ._dora import add_dora, dora, merge_weight, unmerge_weight
 from ._dora_layers import conv_dora, init_magnitude
 from .quant import is_quantized
@@ -185,13 +184,6 @@ class _LoraBase(DeltaLayer):
 
     def _gathered(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor | None:
         return None  # the row loop; LoraLinear overrides it with the batched path
-
-    def _dequantize_base(self) -> None:
-        """DeltaLayer's, and a bitsandbytes layer that transformers loaded in 4 or 8 bits, which offers no
-        ``dequantize()``, dequantised for good too, as deltatune's own 4-bit layers (methods/_quant_base.py)."""
-        if (plain := _quant_base.dequantized(self.base_layer)) is not None:
-            self.base_layer = plain
-        super()._dequantize_base()
 
     def _merge_weights(self, name: str, base: torch.Tensor | None = None, safe: bool | None = None) -> None:
         safe = self.safe_merged.get(name, False) if safe is None else safe
