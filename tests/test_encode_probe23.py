@@ -134,3 +134,28 @@ def test_a_tool_whose_type_is_not_function_is_refused_naming_row_and_tool(tok):
         _tools({"tools": [tool], "tool_choice": "none"})
     with pytest.raises(DataError, match=r"^t\.jsonl:1: tools\[0\]: the tool's type must be 'function'.*'retrieval'$"):
         _encode(tok, [tool])
+
+
+def test_deltatunes_own_recursion_on_a_shallow_row_is_raised_as_it_is(tok, monkeypatch):
+    """bec5493 turned any RecursionError while a row renders into "JSON nested too deep" on that row: a recursion
+    bug of deltatune's own on a shallow row read as the user's data (review). Now only a row nested 100 deep is."""
+    import deltatune.data.templates as T
+
+    def recursing(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded (deltatune's own)")
+
+    monkeypatch.setattr(T, "encode_chat", recursing)
+    with pytest.raises(RecursionError, match="deltatune's own"):
+        _encode(tok, [{"name": "get_weather"}])
+
+
+def test_serve_answers_tools_too_deep_to_render_with_a_400(tok):
+    """JSON reads a tool's parameters 600 deep, transformers' rendering does not: a 500 from the engine's request
+    path (a bare RecursionError); a 400 as training's one line (review)."""
+    from deltatune.serve.fields import RequestError
+    from deltatune.serve.prompts import _chat_ids, _rendering
+
+    deep = {"a": json.loads("[" * 600 + "]" * 600)}
+    body = {"tools": [{"type": "function", "function": {"name": "f", "parameters": deep}}], "tool_choice": "none"}
+    with pytest.raises(RequestError, match="JSON nested too deep to render with the chat template"):
+        _chat_ids(tok, [{"role": "user", "content": "hi"}], None, _rendering(body, None))

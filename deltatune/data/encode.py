@@ -44,9 +44,9 @@ def _named(fn: _F) -> _F:
         try:
             return fn(s, *args, **kwargs)
         except (ChatTemplateError, RecursionError) as exc:  # (a row nested too deep for transformers' rendering)
-            if not s.source:
+            if not s.source or (why := refusal(exc, s)) is None:  # (deltatune's own recursion: raised as it is)
                 raise
-            raise DataError(f"{s.source}: {refusal(exc)}") from None
+            raise DataError(f"{s.source}: {why}") from None
 
     return wrapper  # type: ignore[return-value]
 

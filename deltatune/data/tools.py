@@ -11,10 +11,27 @@ TOO_DEEP = "JSON nested too deep to read"
 """A JSON text nested past Python's recursion limit (json raises RecursionError; serve answers it with a 400)."""
 
 
-def refusal(exc: Exception) -> str:
+def refusal(exc: Exception, sample: Any = None) -> str | None:
     """A chat template's refusal (encode.py's ``_named``) in words: a row nested too deep for transformers' rendering
-    (its template data is copied recursively) raised a bare RecursionError naming nothing."""
-    return "JSON nested too deep to render with the chat template" if isinstance(exc, RecursionError) else str(exc)
+    (its template data is copied recursively) raised a bare RecursionError naming nothing. None for a RecursionError
+    of a row that is not deep (``sample``'s fields under 100 levels): deltatune's own, raised as it is."""
+    if not isinstance(exc, RecursionError):
+        return str(exc)
+    if sample is not None and _depth([getattr(sample, f, None) for f in ("messages", "completion", "chosen",
+                                                                          "rejected", "tools", "template_kwargs")]) < 100:  # fmt: skip
+        return None
+    return "JSON nested too deep to render with the chat template"
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and dicts nest in ``value`` (a stack of its own: no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (list, tuple, dict)):
+            deepest = max(deepest, level)
+            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def tool_calls(value: Any, where: str) -> list[dict]:

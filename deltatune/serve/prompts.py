@@ -194,6 +194,8 @@ def _chat_ids(
         text = render(fields)
     except ChatTemplateError as exc:  # a 400 naming the template's reason, not a 500
         raise RequestError(str(exc), param="messages") from None
+    except RecursionError:  # (a body nested too deep for transformers' rendering, though JSON read it)
+        raise RequestError("JSON nested too deep to render with the chat template", param="messages") from None
     except ValueError as exc:  # continue_final_message without a final message to continue
         raise RequestError(f"continue_final_message: {exc}", param="continue_final_message") from None
     if not _is_utf8(text):  # else a 500; named by the field whose surrogates the template rendered (not messages)
