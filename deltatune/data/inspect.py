@@ -10,7 +10,7 @@ from ..config import ConfigError
 from .formats import FORMATS, STAGE_FORMATS, StageFormatError, _llamafactory_columns, _stage_hint, detect, read_samples
 from .load import DataError, Row, read_rows
 from .sample import refuse_multimodal
-from .templates import IGNORE_INDEX, TEMPLATES, _check_markers
+from .templates import IGNORE_INDEX, check_markers
 
 _DEFAULT_STAGE = {"text": "pt", "prompt": "ppo", "unpaired": "kto"}
 
@@ -154,8 +154,7 @@ def inspect(
             if fmt == "text":
                 counts.append(len(tok(s.text, add_special_tokens=False)["input_ids"]))
             elif stage == "ppo":  # PPO reads the prompt alone (its markers checked as training checks them)
-                if template in TEMPLATES:
-                    _check_markers(tok, template, TEMPLATES[template])
+                check_markers(tok, template)
                 counts.append(len(prompt_ids(s, tok, template, 10**9)))
             elif stage == "sft":
                 ids, labels = sft_example(s, tok, template)

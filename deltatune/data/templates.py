@@ -280,6 +280,20 @@ def render(
     return text, spans
 
 
+def check_markers(tokenizer, template: str | None) -> None:
+    """``_check_markers`` for a prompt rendered with the generation prompt (PPO's and GRPO's, ``data inspect``'s),
+    which ``render`` does not check (chat and serve read an old run's prompts): a built-in ``template`` only (None, the
+    tokenizer's own chat template, and raw write no marker of deltatune's)."""
+    if template in TEMPLATES:
+        _check_markers(tokenizer, template, TEMPLATES[template])
+
+
+def too_long(source: str, n: int, max_length: int) -> DataError:
+    """PPO's and GRPO's refusal of an over-long prompt under data.truncation=refuse."""
+    return DataError(f"{source}: the prompt is {n} tokens, more than data.max_length={max_length} (set "
+                     "data.truncation=truncate to keep its end)")  # fmt: skip
+
+
 def _check_markers(tokenizer, template: str, t: Template) -> None:
     """Refuse a built-in template whose markers the tokenizer cannot write: one it encodes as its unknown token (a
     word-level vocabulary reads ``<|im_start|>user`` or ``### Instruction:`` as [UNK], and the words a marker touches

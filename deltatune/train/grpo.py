@@ -56,7 +56,7 @@ from ..data.load import DataError, Row
 from ..data.preference import bos_prefix, special_ends
 from ..data.sample import AUDIO_MARKER
 from ..data.tasks import Collator
-from ..data.templates import TEMPLATES, _check_markers, apply_chat_template, render
+from ..data.templates import apply_chat_template, check_markers, render, too_long
 from .checks import check_rollout_context, resolved_precision
 from .config import AlignArgs, RunConfig
 from .config_align import grpo_loss_norm, grpo_policy, validate_grpo
@@ -339,8 +339,9 @@ def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int
             tokenizer encodes as its unknown token (a word vocabulary's [UNK] for chatml's <|im_start|>user).
     """
     head = bos_prefix(tok)
-    if template in TEMPLATES:  # (as where answers train: rendered with the generation prompt, it is not checked there)
-        _check_markers(tok, template, TEMPLATES[template])  # (a marker the tokenizer reads as [UNK]; None, raw: none)
+    check_markers(
+        tok, template
+    )  # (as where answers train: rendered with the generation prompt, it is not checked there)
     items, truncated = [], 0
     for row in rows:
         prompt = row.get(prompt_column)
@@ -369,8 +370,7 @@ def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int
             ids = head + tok(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) > max_length:
             if truncation == "refuse":
-                raise DataError(f"{row.source}: the prompt is {len(ids)} tokens, more than data.max_length="
-                                f"{max_length} (set data.truncation=truncate to keep its end)")  # fmt: skip
+                raise too_long(row.source, len(ids), max_length)
             ids, truncated = ids[len(ids) - max_length :], truncated + 1
         columns = {k: v for k, v in row.data.items() if k not in (prompt_column, "completion", "completion_ids")}
         items.append(PromptItem(ids, prompt, columns, row.source))

@@ -40,10 +40,11 @@ from torch import nn
 
 from ..config import ConfigError
 from ..data.tasks import Collator
+from ..data.templates import check_markers
 from .checks import check_rollout_context
 from .config import AlignArgs, RunConfig
 from .config_align import ppo_micro_batches
-from .ppo_checks import check_prompt_markers, encode_prompts
+from .ppo_checks import encode_prompts
 from .ppo_math import (  # noqa: F401  (re-exported: the names other modules and tests import from here)
     KLController,
     RewardError,
@@ -415,7 +416,7 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
     from ..data.sample import as_written
 
     train_s, eval_s, template, data_notes = read_splits(cfg, tok)
-    check_prompt_markers(tok, template)  # (rendered with the generation prompt: not checked there)
+    check_markers(tok, template)  # (rendered with the generation prompt: not checked there)
 
     (train, cut), (evals, cut_eval) = (  # each keeps the prompt's end (data.truncation=refuse: refused)
         encode_prompts(s, tok, template, d.max_length, d.truncation) if s else (None, 0) for s in (train_s, eval_s)

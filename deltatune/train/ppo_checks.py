@@ -4,7 +4,6 @@ loads (split from ppo.py, near its line limit)."""
 from __future__ import annotations
 
 from ..config import ConfigError
-from ..data.load import DataError
 
 
 def check_reward_context(spec: str, longest: int, max_new_tokens: int, trust_remote_code: bool = False) -> None:
@@ -31,30 +30,19 @@ def check_reward_context(spec: str, longest: int, max_new_tokens: int, trust_rem
         )
 
 
-def check_prompt_markers(tokenizer, template: str | None) -> None:
-    """DataError when a built-in ``template`` writes a marker the tokenizer encodes as its unknown token (a word
-    vocabulary reads chatml's ``<|im_start|>user`` as [UNK]), as a training row's rendering refuses it
-    (``templates._check_markers``): PPO's prompts are rendered with the generation prompt, which skips that check
-    (it keeps chat and serve reading an old run's prompts), so the policy sampled after [UNK]s."""
-    from ..data.templates import TEMPLATES, _check_markers
-
-    if template in TEMPLATES:  # (None: the tokenizer's own chat template; raw: the rows as written)
-        _check_markers(tokenizer, template, TEMPLATES[template])
-
-
 def encode_prompts(samples, tokenizer, template: str | None, max_length: int, truncation: str) -> tuple[list, int]:
     """(ids, how many were cut): each sample's prompt as ``encode.prompt_ids`` encodes it (the end kept past
     ``max_length``); under data.truncation=refuse an over-long one is a DataError naming its row, as GRPO's
     ``encode_prompts`` (PPO cut every one whatever the key said, and the report counted none)."""
     from ..data.encode import prompt_ids
+    from ..data.templates import too_long
 
     out, cut = [], 0
     for s in samples:
         ids = prompt_ids(s, tokenizer, template, 1 << 62)  # (whole: cut below only where it is over)
         if len(ids) > max_length:
             if truncation == "refuse":
-                raise DataError(f"{s.source}: the prompt is {len(ids)} tokens, more than data.max_length="
-                                f"{max_length} (set data.truncation=truncate to keep its end)")  # fmt: skip
+                raise too_long(s.source, len(ids), max_length)
             ids, cut = prompt_ids(s, tokenizer, template, max_length), cut + 1
         out.append(ids)
     return out, cut
