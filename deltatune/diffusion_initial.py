@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .config import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, ConfigError
+from .config import ConfigError
 from .model import DeltaModel
 
 
@@ -66,16 +66,12 @@ def check_base(model: DeltaModel, name: str, initial: Any, component: str) -> di
             "initial= (the adapter's tensors from right after its init, or the folder save_pretrained wrote then) "
             "to write peft's conversion, rank 2r"
         )
-    if isinstance(initial, (str, os.PathLike)):
-        from safetensors.torch import load_file
+    from .methods._lora_init import read_initial  # (convert_to_plain_lora's reading)
 
-        path, pickled = os.path.join(initial, WEIGHTS_NAME), os.path.join(initial, PICKLE_WEIGHTS_NAME)
-        if not os.path.isfile(path) and os.path.isfile(pickled):  # peft's torch.save file (convert_to_plain_lora's)
-            return dict(torch.load(pickled, map_location="cpu", weights_only=True))
-        if not os.path.isfile(path):
-            raise ConfigError(f"initial: {path} is not a file (the folder the adapter was saved to after its init)")
-        initial = load_file(path)
-    return dict(initial)
+    try:
+        return dict(read_initial(initial if isinstance(initial, (str, os.PathLike)) else dict(initial)))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"initial: {exc}") from None
 
 
 def converted(modules: dict[str, dict[str, Any]], keys: dict[str, str], start: dict[str, torch.Tensor],

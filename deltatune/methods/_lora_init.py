@@ -296,6 +296,20 @@ def _init_from_base(layer: nn.Module, name: str, init: str) -> None:
     base.weight.data = residual.to(dtype)
 
 
+def read_initial(initial: str | os.PathLike[str] | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of ``initial``: a dict as it is, or the folder an adapter was saved to right after its init (its
+    adapter_model.safetensors, else peft's adapter_model.bin, read as peft reads it); FileNotFoundError naming the
+    file where it holds neither."""
+    if isinstance(initial, dict):
+        return initial
+    path, pickled = os.path.join(initial, WEIGHTS_NAME), os.path.join(initial, PICKLE_WEIGHTS_NAME)
+    if not os.path.isfile(path) and os.path.isfile(pickled):
+        return dict(torch.load(pickled, map_location="cpu", weights_only=True))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is not a file (the folder the adapter was saved to after its init)")
+    return load_file(path)
+
+
 def convert_to_plain_lora(
     model: nn.Module, initial: str | os.PathLike[str] | dict[str, torch.Tensor], out_dir: str | os.PathLike[str],
     adapter_name: str = "default",
@@ -323,14 +337,8 @@ def convert_to_plain_lora(
     if config.init_lora_weights == "loftq":  # peft warns that its conversion is for PiSSA / CorDA / OLoRA, and goes on
         raise ConfigError(f"convert_to_plain_lora: adapter {adapter_name!r} is LoftQ: its base is the quantised Q, "
                           "not W minus the initial adapter, so no plain LoRA on W equals it; save Q with it")  # fmt: skip
-    if isinstance(initial, dict):
-        start = initial
-    else:
-        path, pickled = os.path.join(initial, WEIGHTS_NAME), os.path.join(initial, PICKLE_WEIGHTS_NAME)
-        if not os.path.isfile(path) and os.path.isfile(pickled):  # peft's torch.save file, read as peft reads it
-            start = torch.load(pickled, map_location="cpu", weights_only=True)
-        else:
-            start = load_file(path)
+    start = read_initial(initial)
+    if not isinstance(initial, dict):
         _write(initial, None, config.replace(init_lora_weights=True))
     tensors = model.adapter_state_dict(adapter_name)
     out: dict[str, torch.Tensor] = {}
