@@ -5,7 +5,8 @@ Sources:
 
 - an image folder: one sub-folder per class (``digits/train/3/0042.png``); the class names are the sub-folder
   names in sorted order, and a class's images are all those under its folder (``cat/batch1/x.png`` too), as
-  torchvision's ``ImageFolder`` reads them;
+  torchvision's ``ImageFolder`` reads them; a top folder of split folders (``d/train/cat/x.png``, named as
+  datasets' split keywords) is refused, where datasets' ``imagefolder`` reads splits and read as classes they trained;
 - a JSONL / JSON / CSV / TSV / Parquet file with an image path column (``data.image_column``) and a label column
   (``data.label_column``). The column may hold datasets' ``Image`` feature as exported (``{"bytes": ..., "path":
   ...}``, Parquet's and ``Dataset.to_parquet``'s): the bytes when present (base64 text in JSON), else the path, as
@@ -209,6 +210,7 @@ def _folder(root: str, limit: int | None) -> list[ImageRow]:
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     if not classes:
         raise DataError(f"image folder {root!r} has no class sub-folders (expected {root}/<class>/<image>)")
+    _refuse_splits(root, classes)
     per_class = []
     for name in classes:
         folder = os.path.join(root, name)
@@ -227,6 +229,37 @@ def _folder(root: str, limit: int | None) -> list[ImageRow]:
         mixed = [r for group in itertools.zip_longest(*per_class) for r in group if r is not None]
         return mixed[:limit]
     return [r for rows in per_class for r in rows]
+
+
+SPLIT_WORDS = ("train", "training", "validation", "valid", "dev", "val", "test", "testing", "eval", "evaluation")
+"""datasets' split keywords (``data_files.SPLIT_KEYWORDS``): a folder so named splits an ``imagefolder`` tree."""
+
+
+def _refuse_splits(root: str, classes: list[str]) -> None:
+    """Refuse an image folder of split folders (``root/train/cat/x.png``): datasets' ``imagefolder`` reads their
+    names as splits and the folders inside as the classes; read as classes, the splits ('test', 'train') trained,
+    the test images with them. A folder so named that holds images itself (no split to datasets) stays a class.
+
+    Raises:
+        DataError: class folders named as splits that hold no images themselves but class folders with images.
+    """
+    splits = []
+    for name in classes:
+        folder = os.path.join(root, name)
+        if name.lower() not in SPLIT_WORDS or any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(folder)):
+            continue
+        inner = [d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith(".")]
+        if any(_images_under(os.path.join(folder, d)) for d in inner):
+            splits.append(name)
+    if splits:
+        train = next((x for x in splits if x.lower() in ("train", "training")), splits[0])
+        other = [x for x in splits if x != train]
+        hint = f"data.train: {os.path.join(root, train)!r}" + (
+            f", data.eval: {os.path.join(root, other[0])!r}" if other else ""
+        )
+        raise DataError(f"image folder {root!r} holds split folders ({', '.join(map(repr, splits))}), each with its "
+                        f"class folders as datasets' imagefolder reads {root}/<split>/<class>/<image>, not classes: "
+                        f"give one split per key ({hint})")  # fmt: skip
 
 
 def _images_under(folder: str) -> list[str]:
