@@ -22,6 +22,8 @@ import torch
 
 from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, DeltaConfig, named_adapters_hint, read_config_file
 from .layer import ModulesToSave, unwrapped_name
+from .saves import SAVING, _host, finish_saves, remove_stale_saves
+from .saves import process_alive as process_alive  # (its users import it from here)
 
 KEY_PREFIX = "base_model.model."
 """PEFT's prefix of an adapter's tensor keys: ``base_model.model.<module path>.lora_A.weight``. A config may set
@@ -436,40 +438,6 @@ def save_folder_files(save: Callable[[str], object], folder: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-SAVING = ".saving-"
-"""The prefix of ``save_folder_files``' temporary folder (``.saving-<pid>@<host>~<random>``) inside the folder it
-saves to."""
-
-
-def _host() -> str:
-    import socket
-
-    return "".join(c for c in socket.gethostname() if c.isalnum() or c in ".-")[:64] or "host"
-
-
-def remove_stale_saves(folder: str) -> None:
-    """Delete the ``SAVING`` folders in ``folder`` that a save killed midway left (a power cut, SIGKILL): those of a
-    process of this host that is gone. Another host's (a shared disk) and one named without its host (an older
-    deltatune's) may be a save under way: they stay."""
-    for name in os.listdir(folder):
-        owner, done, _ = name[len(SAVING) :].partition("~")
-        pid, _, host = owner.partition("@")
-        path = os.path.join(folder, name)
-        if name.startswith(SAVING) and done and host == _host() and pid.isdecimal() and not process_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host (another user's counts)."""
-    try:
-        os.kill(pid, 0) if pid > 0 else None  # (0 and -1 would name process groups)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return pid > 0
-
-
 def explain_missing_fields(exc: AdapterLoadError, config_file: str, config: object) -> AdapterLoadError:
     """``exc`` (the saved tensors do not fit) blamed on the fields ``config_file`` lacks, when it lacks any: a
     config written by hand or by another tool without, say, ``r`` gets the default, and the tensors then look as
@@ -517,6 +485,8 @@ def resolve(
     """A local file path for ``filename`` in a folder or (when reachable) a hub repo (``hub``: ``HUB_KWARGS``)."""
     folder = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
     if os.path.isdir(os.fspath(model_id)):
+        finish_saves(folder)  # (a save killed between its renames: finished before a file of it is read)
+        finish_saves(os.path.dirname(os.path.abspath(folder)), os.path.basename(os.path.abspath(folder)))
         path = os.path.join(folder, filename)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {filename} in {folder!r}{named_adapters_hint(folder)}")

@@ -29,6 +29,7 @@ from .files import (
     write_adapter,
     write_failure,
 )
+from .saves import MOVES
 
 
 def save_adapters(
@@ -44,9 +45,9 @@ def save_adapters(
     """``DeltaModel.save_pretrained``'s files: each adapter of ``names`` in its folder (``adapter_folder``), its config
     in inference mode and naming the base model, the embedding copies peft's ``save_embedding_layers`` asks for
     (``embedding_copies``) and its training state, all written beside and moved in once every adapter's files are
-    (``publish``: a refusal or a failed write, a full disk, leaves every adapter's files as they were; a
-    crash between the renames can leave some adapters new, some old). ``names`` empty: the folder alone, as peft
-    (which writes its model card there). ``path_initial_model_for_weight_conversion`` (peft's: a LoRA saved right after its init):
+    (``publish``: a refusal or a failed write, a full disk, leaves every adapter's files as they were; a crash
+    between the renames is finished by the next load or save of the folder, ``saves.finish_saves``). ``names``
+    empty: the folder alone, as peft (which writes its model card there). ``path_initial_model_for_weight_conversion`` (peft's: a LoRA saved right after its init):
     each adapter written as the plain LoRA of its change since (the LoRA method's
     ``convert_to_plain_lora``, as peft's conversion). ``state_dict`` (peft's): the tensors, embedding copies
     included, are taken from it (``pick_tensors``), e.g. a full state dict gathered from sharded (FSDP / ZeRO-3) parameters.
@@ -142,9 +143,10 @@ def publish(save_directory: str, folders: dict[str, str], write: Callable[[str, 
     A refusal (a folder that is a file, or read-only: ``refuse_read_only``) or a failed write (a full disk, named by
     its destination file, errno kept) leaves every adapter's files as they were, and so does a move refused after
     others went in (a sticky folder whose files another user owns: ``move_in`` puts back what it moved); a crash
-    between the renames (a power cut, SIGKILL) can leave some adapters new and some old, and even one adapter's files
-    part new, part old (its files are moved one by one, in ``os.listdir`` order). The hidden folder a killed save left
-    is removed by the next save into the folder (``remove_stale_saves``).
+    between the renames (a power cut, SIGKILL) leaves some files new and some old, and the rest in the hidden folder
+    beside the list of moves (``saves.MOVES``): the next load of an adapter there, or save into the folder, finishes
+    them (``saves.finish_saves``); the hidden folder of a save killed before its first move is removed by the next
+    save into the folder (``remove_stale_saves``).
     """
     os.makedirs(save_directory, exist_ok=True)
     refuse_read_only([save_directory, *folders.values()])
@@ -175,10 +177,19 @@ def move_in(tmp: str, folders: dict[str, str]) -> None:
     not tell) puts back every file already moved, removes the folders it made, and is raised as one line naming
     the destination file (errno kept). An earlier file that cannot be put back is not lost: it is kept beside its
     destination as ``<file>.before-save`` (``keep_beside``) and the error names it. The files are moved one rename
-    each, in ``os.listdir`` order: a SIGKILL between two can leave one adapter's files part new, part old.
+    each, once the list of them (``saves.MOVES``) is written: a SIGKILL between two is finished by the next load or
+    save (``saves.finish_saves``).
     """
     aside = os.path.join(tmp, ".before")  # (no adapter is named so: names hold no '.')
     os.makedirs(aside)
+    moves = {}  # (MOVES: what a killed save's next load or save finishes, saves.finish_saves)
+    for name, folder in folders.items():
+        staged = os.listdir(os.path.join(tmp, name))
+        gone = [TRAINING_STATE] + ([WEIGHTS_NAME] if PICKLE_WEIGHTS_NAME in staged else [])
+        moves[name] = {"folder": os.path.relpath(folder, os.path.dirname(tmp)), "files": staged,
+                       "gone": [f for f in gone if f not in staged]}  # fmt: skip
+    text = json.dumps(moves)
+    atomic_write(os.path.join(tmp, MOVES), lambda f: Path(f).write_text(text, encoding="utf-8"))
     done: list[tuple[str, str | None]] = []  # (destination, its earlier file kept aside, or None: there was none)
     made = [folder for folder in folders.values() if not os.path.isdir(folder)]
     dest = ""
@@ -186,9 +197,8 @@ def move_in(tmp: str, folders: dict[str, str]) -> None:
         for folder in folders.values():  # every folder made before the first file moves in
             os.makedirs(folder, exist_ok=True)
         for name, folder in folders.items():
-            staged = os.listdir(os.path.join(tmp, name))
-            stale = [TRAINING_STATE] + ([WEIGHTS_NAME] if PICKLE_WEIGHTS_NAME in staged else [])
-            for file in staged + [f for f in stale if f not in staged]:
+            staged = moves[name]["files"]
+            for file in staged + moves[name]["gone"]:
                 dest, kept = os.path.join(folder, file), os.path.join(aside, f"{len(done)}")
                 if file not in staged:  # an earlier save's file the new one leaves out: moved aside
                     if os.path.exists(dest):
@@ -203,6 +213,8 @@ def move_in(tmp: str, folders: dict[str, str]) -> None:
                 os.replace(os.path.join(tmp, name, file), dest)
                 done.append((dest, kept if os.path.lexists(kept) else None))
     except BaseException as exc:
+        with contextlib.suppress(OSError):  # (put back, not finished: a kill from here on leaves it part put back)
+            os.remove(os.path.join(tmp, MOVES))
         notes = []  # (what could not be put back, each named)
         for path, kept in reversed(done):
             try:
