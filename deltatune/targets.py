@@ -390,8 +390,8 @@ def _refuse_experts(
     adapt: ``down_proj`` on Mixtral would adapt nothing of what it names, silently. A name that also reaches a
     linear layer (Qwen2-MoE's shared expert) adapts that, as peft does; "all-linear" adapts the linear layers and
     warns that the experts are left out (peft adapts them on the model types its v4-to-v5 conversion knows). A file
-    saved before 4d15b84 with a regex reaching other modules and the experts trained those others alone: loading it
-    warns that the experts stay out, as the file trained."""
+    whose targets reach other modules and the experts trained those others alone (a regex saved before 4d15b84; peft
+    0.22's list on Mixtral / GPT-OSS, whose down_proj it leaves alone): loading it warns that the experts stay out."""
     experts = fused_experts(model)
     if not experts:
         return
@@ -415,7 +415,7 @@ def _refuse_experts(
     else:
         unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in found)]
         hits = [(n, m) for n, m in experts if any(n == t or n.endswith("." + t) for t in unmatched)]
-    if hits and loading and found and isinstance(targets, str):
+    if hits and loading and found:  # (a file holding the experts' tensors is refused as it is read: foreign keys)
         name, module = hits[0]
         warnings.warn(
             f"{method}: target_modules={targets!r} reaches {name}, a 3-D parameter of {type(module).__name__} (the "

@@ -1,0 +1,56 @@
+"""Which modules a method adapts, against peft 0.22: an adapter file peft writes on a mixture of experts whose
+target list names an expert projection that peft leaves alone (Mixtral's and GPT-OSS's fused ``down_proj``: peft
+adapts the other targets, and its file holds them alone) loads and computes as in peft."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as T
+
+import deltatune as dt
+from deltatune.config import ConfigError
+
+peft = pytest.importorskip("peft")
+
+_SIZES = dict(
+    vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+)  # fmt: skip
+
+
+def _moe(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if family == "mixtral":
+        return T.MixtralForCausalLM(T.MixtralConfig(**_SIZES)).eval()
+    config = T.GptOssConfig(**_SIZES, head_dim=8, layer_types=["full_attention"] * 2)
+    return T.GptOssForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_a_peft_file_naming_an_expert_projection_peft_left_alone_loads_as_peft(family, tmp_path):
+    """peft 0.22 on Mixtral / GPT-OSS with target_modules=['down_proj', 'q_proj'] adapts q_proj alone (the fused
+    experts' down_proj is a 3-D parameter its v4-to-v5 conversion does not reach here) and saves no
+    target_parameters; deltatune refused the file (ConfigError: reaches ...experts.down_proj), where peft loads it."""
+    base = _moe(family)
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["down_proj", "q_proj"], init_lora_weights=False)
+    )
+    theirs.save_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits
+    with pytest.warns(UserWarning, match=r"reaches model\.layers\.0\.mlp\.experts\.down_proj.*loads without"):
+        ours = dt.DeltaModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    with torch.no_grad():
+        got = ours(input_ids=ids).logits
+    assert (want - base(input_ids=ids).logits).abs().max() > 1e-3  # (the adapter changes the output)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_new_adapter_naming_a_fused_expert_projection_is_still_refused():
+    """A new adapter naming the fused experts' down_proj still is (deltatune cannot adapt what it names)."""
+    with pytest.raises(ConfigError, match=r"reaches model\.layers\.0\.mlp\.experts\.down_proj, a 3-D parameter"):
+        dt.get_delta_model(_moe("mixtral"), dt.LoraConfig(r=2, target_modules=["down_proj", "q_proj"]))
