@@ -242,7 +242,7 @@ def _recipe(run_dir: str, data: str | None, compare: bool, overrides: list[str])
     from ..data.formats import STAGE_FORMATS
 
     task, fmt = adapter_field(run_dir, "task_type"), _format(data)
-    if task is None and _images(data):  # peft has no task_type for images: image_cls's adapters (and peft's) save None
+    if task is None and _images(data, overrides):  # peft has no task_type for images: image_cls saves None
         stage = "image_cls"
     elif task in (None, "CAUSAL_LM"):
         from ..data.inspect import default_stage
@@ -261,9 +261,11 @@ def _recipe(run_dir: str, data: str | None, compare: bool, overrides: list[str])
     return {"stage": stage, "model": model, "data": {"eval": data}}, config
 
 
-def _images(data: str) -> bool:
+def _images(data: str, overrides: list[str] | None = None) -> bool:
     """Whether ``data`` is image classification's: an image folder (images under it), or a data file whose first row
-    has an ``image`` and a ``label`` column (was read as sft's text, whose tokenizer the image model lacks)."""
+    has an image and a label column (was read as sft's text, whose tokenizer the image model lacks): ``image`` and
+    ``label``, or the columns ``overrides`` name (``data.image_column=``, ``data.label_column=``; were not read, and
+    such rows went to sft)."""
     from ..data.load import DataError, folder_files, read_rows
 
     if os.path.isdir(data) and not folder_files(data):  # (a folder of data files is read by its rows, below)
@@ -271,8 +273,11 @@ def _images(data: str) -> bool:
 
         return any(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(data) for f in files)
 
+    named = [o for o in overrides or [] if o.split("=", 1)[0].strip() in ("data.image_column", "data.label_column")]
+    given = apply_overrides({}, named).get("data", {})  # (the values read as the recipe reads them: '"img"' is img)
+    columns = {str(given.get("image_column", "image")), str(given.get("label_column", "label"))}
     try:
-        return {"image", "label"} <= set(read_rows(data, limit=1)[0].data)
+        return columns <= set(read_rows(data, limit=1)[0].data)
     except (DataError, IndexError, AttributeError):
         return False
 

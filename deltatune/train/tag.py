@@ -15,10 +15,33 @@ from .trainer import TokenLossTrainer
 
 def _bio_labels(tags: list) -> list[str]:
     """ "O" first, then B-/I- for every entity type seen (both, even when the data shows only one of them), then
-    any other tag seen (IOBES's E- and S-, a tag without a prefix)."""
-    kinds = sorted({str(t).partition("-")[2] for t in tags if str(t) != "O" and "-" in str(t)})
-    names = ["O", *[f"{p}-{k}" for k in kinds for p in ("B", "I")]]
-    return names + sorted({str(t) for t in tags} - set(names))
+    any other tag seen (IOBES's E- and S-, a tag without a prefix). Tags written in lower case (b-per, i-per, o) keep
+    their case: B-per and I-per beside them were two classes no tag named."""
+    seen = {str(t) for t in tags}
+    outside = "o" if "o" in seen and "O" not in seen else "O"
+    kinds = sorted({(k, p.islower()) for p, dash, k in (t.partition("-") for t in seen - {"O", "o"}) if dash})
+    names = [outside, *[f"{p}-{k}" for k, lower in kinds for p in (("b", "i") if lower else ("B", "I"))]]
+    return names + sorted(seen - set(names))
+
+
+def _model_tags(cfg: RunConfig) -> list[str] | None:
+    """The base model's own tags in its head's order (config.json's id2label), None where it names none
+    (transformers' LABEL_0, LABEL_1, ...) or its config does not load (the model loader names the problem)."""
+    from transformers import AutoConfig
+
+    from .embedded import resolve  # (models.resolve_path; models imports caption, which imports the stage table)
+
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError, ConfigError):  # (an embedded model not installed: its loader says so)
+        return None
+    id2label = getattr(config, "id2label", None) or {}
+    if sorted(id2label) != list(range(len(id2label))):
+        return None
+    names = [str(id2label[i]) for i in range(len(id2label))]
+    return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
 
 
 def _refuse_bool_tags(rows: list, column: str) -> None:
@@ -68,6 +91,11 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
             )
         tags = [t for _, t in tagged]
         names = _bio_labels(tags)
+        # run_ner: a base whose head was trained on these tags (its id2label names them all) keeps its order, so its
+        # trained head scores each tag as it learned it (in deltatune's order its class ids were another tag's)
+        own = _model_tags(cfg)
+        if own and len(set(own)) == len(own) and set(own) in (set(names), {str(t) for t in tags}):
+            names = own
     if len(names) < 2:  # one class: the loss is 0 from the start, and the run would report success
         raise DataError(
             f"every tag in {d.tags_column!r} is {names[0] if names else 'absent'!r}: one class, nothing to learn "
