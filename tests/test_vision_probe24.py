@@ -40,3 +40,29 @@ def test_class_folders_named_like_splits_that_hold_their_images_are_still_classe
     Image.new("RGB", (8, 8)).save(tmp_path / "d" / "a" / "dog" / "batch1" / "x.png")
     rows = I.read_image_rows(str(tmp_path / "d" / "a"))
     assert sorted({r.label for r in rows}) == ["dog", "test"] and len(rows) == 5
+
+
+def test_a_parquet_files_class_label_names_are_the_classes_as_datasets_reads_them(tmp_path):
+    """``Dataset.to_parquet`` saves a ClassLabel column's names in the schema; ``load_dataset("parquet")`` reads them
+    back and transformers' script takes label2id / id2label from them. The stage read the ids alone: classes '0', '2'
+    (a head of 2 for 3 classes, the eval's 'dog' refused, id2label without the names)."""
+    datasets = pytest.importorskip("datasets")
+    from deltatune.train.config import build
+    from deltatune.train.image_cls import prepare_image_cls
+
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog", "eel"])})
+    images = [Image.new("RGB", (8, 8), (40 * k, 9, 9)) for k in range(4)]
+    for name, ids in (("train", [0, 2, 0, 2]), ("eval", [1, 0, 2, 1])):
+        ds = datasets.Dataset.from_dict({"image": images, "label": ids}, features=feats)
+        ds.to_parquet(str(tmp_path / f"{name}.parquet"))
+    ref = datasets.load_dataset("parquet", data_files={"train": str(tmp_path / "train.parquet")})["train"]
+    from transformers import ViTConfig
+
+    ViTConfig(image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
+        tmp_path / "vit"
+    )
+    data = {"train": str(tmp_path / "train.parquet"), "eval": str(tmp_path / "eval.parquet")}
+    cfg = build({"stage": "image_cls", "model": {"name_or_path": str(tmp_path / "vit")}, "data": data})
+    p = prepare_image_cls(cfg, processor=None)
+    assert p.labels == ref.features["label"].names == ["cat", "dog", "eel"]
+    assert p.train.labels == [0, 2, 0, 2] and p.eval.labels == [1, 0, 2, 1]  # the stored ids, as datasets keeps them

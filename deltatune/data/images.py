@@ -129,6 +129,26 @@ def read_image_rows(
     return out
 
 
+def class_label_names(spec: str, column: str | None) -> list[str] | None:
+    """The class names datasets saved with a Parquet file's label column: its ``ClassLabel`` feature in the schema's
+    ``huggingface`` metadata, which ``Dataset.to_parquet`` writes and ``load_dataset("parquet")`` reads back (the
+    features transformers' image-classification script takes label2id / id2label from). None for another source or
+    column, or a file without them (``read_rows`` names an unreadable file)."""
+    if not column or not spec.lower().endswith(".parquet") or not os.path.isfile(spec):
+        return None
+    try:
+        import json
+
+        import pyarrow.parquet as pq
+
+        meta = (pq.read_schema(spec).metadata or {}).get(b"huggingface")
+        feature = json.loads(meta)["info"]["features"].get(column) if meta else None
+    except (ImportError, OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    names = feature.get("names") if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" else None
+    return [str(n) for n in names] if isinstance(names, list) and names else None
+
+
 def _caption(text: Any, source: str, column: str, lists: bool) -> str | list[str]:
     """A row's caption, or (``lists``) its list of captions, each a non-empty string.
 
@@ -495,6 +515,7 @@ __all__ = [
     "ImageRow",
     "augment",
     "check",
+    "class_label_names",
     "image_value",
     "collate",
     "open_rgb",

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..data.images import AUGMENTATIONS, ImageDataset, ImageRow, check, collate, read_image_rows
+from ..data.images import AUGMENTATIONS, ImageDataset, ImageRow, check, class_label_names, collate, read_image_rows
 from ..data.load import DataError
 from ..data.tasks import class_names as class_names_of
 from ..data.tasks import class_of, label_map, split_off
@@ -254,7 +254,10 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
         from .cls import check_bool_labels
 
         check_bool_labels([(r.source, r.label) for r in [*train_rows, *(eval_rows or [])]], d.label_column, d.labels)
-    names, mapping = class_names(train_rows, d.labels, os.path.isdir(d.train), d.label_column)
+    # a Parquet file saved by datasets names its ClassLabel column's classes (ids kept, absent ones too), as
+    # load_dataset("parquet") reads them; data.labels, when set, names them instead
+    labels = d.labels or class_label_names(d.train, d.label_column)
+    names, mapping = class_names(train_rows, labels, os.path.isdir(d.train), d.label_column)
     if len(names) < 2:
         where = "sub-folder" if os.path.isdir(d.train) else "label"
         raise DataError(
