@@ -491,6 +491,10 @@ def resolve(
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {filename} in {folder!r}{named_adapters_hint(folder)}")
         return path
+    if os.path.isfile(os.fspath(model_id)):  # (peft: "Can't find 'adapter_config.json' at <file>")
+        raise FileNotFoundError(
+            f"{os.fspath(model_id)!r} is a file; pass the folder that holds the adapter's {filename}"
+        )
     try:
         from huggingface_hub import hf_hub_download
 

@@ -72,3 +72,24 @@ def test_a_save_killed_between_its_renames_is_finished_by_the_next_load_or_save(
         got = _state(folder)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), after
         assert not [n for n in os.listdir(folder) if n.startswith(".saving-")]
+
+
+def test_loading_from_an_adapter_file_not_its_folder_says_so(tmp_path):
+    """from_pretrained / load_adapter given the adapter's file (a common slip: the path of adapter_model.safetensors)
+    said the path "is not a local folder and adapter_config.json could not be fetched from the hub
+    (HFValidationError)", blaming the hub; peft refuses it too (ValueError "Can't find 'adapter_config.json' at ...").
+    Now one line saying it is a file, naming it."""
+    import pytest
+
+    delta = _delta(0)
+    delta.save_pretrained(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    for load in (
+        lambda: dt.DeltaModel.from_pretrained(tiny_model("llama"), file),
+        lambda: delta.load_adapter(file, "third"),
+    ):
+        with pytest.raises(FileNotFoundError) as refused:
+            load()
+        text = str(refused.value)
+        assert "is a file" in text and str(file) in text and "hub" not in text and "\n" not in text
+    assert list(delta.peft_config) == ["default", "other"]
