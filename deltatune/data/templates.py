@@ -36,7 +36,16 @@ class Template:
     """Whether what the assistant pattern writes after the content trains with it: chatml's ``<|im_end|>\n``, as
     the model's own chat template (a turn is what it renders, through the line break) and TRL train it; only where
     the tokenizer has no EOS or the suffix opens with it (an answer ends at its EOS: nothing after it trains)."""
+    default_system: str = ""
+    """The system text written where the conversation has none, or an empty one (LLaMA-Factory's
+    ``system or default_system``), through the system pattern."""
 
+
+ALPACA_SYSTEM = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+)
+"""LLaMA-Factory's ``alpaca`` default_system."""
+OLD_ALPACA = "alpaca_v0"
 
 TEMPLATES: dict[str, Template] = {
     "chatml": Template(
@@ -46,14 +55,23 @@ TEMPLATES: dict[str, Template] = {
         generation_prefix="<|im_start|>assistant\n",
         suffix_trains=True,
     ),
-    "alpaca": Template(
+    "alpaca": Template(  # LLaMA-Factory's: its default system ends with the blank line, a row's own system has none
+        system="{content}",
+        user="### Instruction:\n{content}\n\n",
+        assistant="### Response:\n{content}\n\n",
+        generation_prefix="### Response:\n",
+        default_system=ALPACA_SYSTEM,
+    ),
+    "plain": Template(system="{content}\n", user="{content}\n", assistant="{content}\n", generation_prefix=""),
+    OLD_ALPACA: Template(
         system="{content}\n\n",
         user="### Instruction:\n{content}\n\n",
         assistant="### Response:\n{content}\n\n",
         generation_prefix="### Response:\n",
     ),
-    "plain": Template(system="{content}\n", user="{content}\n", assistant="{content}\n", generation_prefix=""),
 }
+"""``OLD_ALPACA`` is alpaca as deltatune wrote it until 2026-12-08 (no default system; a system prompt then a blank
+line): what a run folder begun before then trained with (``runs.trained_template``), or a recipe names."""
 
 
 def stop_ids(tokenizer, template: str | None) -> list[int]:
@@ -249,6 +267,8 @@ def render(
     if not add_generation_prompt:  # (training: a prompt for chat or serve renders as an old run's model read it)
         _check_markers(tokenizer, template, t)
     text, spans = "", []
+    if t.default_system and not (messages and messages[0]["role"] == "system" and messages[0]["content"]):
+        text = t.system.format(content=t.default_system)  # (LLaMA-Factory's system or default_system)
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
             prefix, suffix = t.assistant.split("{content}")

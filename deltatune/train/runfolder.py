@@ -25,6 +25,8 @@ from typing import Any
 
 from ..config import ConfigError
 from ..files import process_alive as _alive
+from .runs import MARKS_FILE as MARKS  # noqa: F401  (run_load; the marks are runs.py's)
+from .runs import OLD_ALPACA, mark_run, trained_template  # noqa: F401  (run)
 
 FINISHED_FILE = "metrics.json"  # written last by a run that completed
 STOPPED_FILE = "stopped.json"  # why a run ended early (train's); the board's STOPPED_FILE
@@ -455,7 +457,9 @@ def take_derived(cfg: Any, folder: str) -> list[str]:
     """On ``--resume``: each ``DERIVED`` key the recipe leaves unset (None) set to the value the run's run.yaml
     recorded, so the resumed run has what it began with (the classes of a run trained on labels {1, 2} before
     they were sorted into two classes: its head has three rows, and its recorded ``data.labels`` say which).
-    Returns the keys set. A run.yaml that does not read is left to the recipe comparison to refuse."""
+    Returns the keys set; data.template alpaca is set to the alpaca the run trained with (``runs.trained_template``:
+    alpaca_v0 in a folder begun before the ``alpaca_system`` mark). A run.yaml that does not read is left to the
+    recipe comparison to refuse."""
     import yaml
 
     from .runs import RUN_FILE
@@ -468,6 +472,8 @@ def take_derived(cfg: Any, folder: str) -> list[str]:
     if not isinstance(old, dict):
         return []
     taken = []
+    if trained_template(cfg.data.template, folder) != cfg.data.template:  # (alpaca begun unmarked: as it trained)
+        cfg.data.template, taken = OLD_ALPACA, ["data.template"]
     for key in sorted(DERIVED):
         section, name = key.split(".")
         recorded = old.get(section).get(name) if isinstance(old.get(section), dict) else None
@@ -479,7 +485,8 @@ def take_derived(cfg: Any, folder: str) -> list[str]:
 
 def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``section.key: old -> new`` for every key that differs and matters (not in ``HARMLESS``). A method key one
-    recipe leaves out is its default (``method.lora_dropout`` left out of the new recipe trained with 0.0).
+    recipe leaves out is its default (``method.lora_dropout`` left out of the new recipe trained with 0.0). An old
+    run's data.template alpaca_v0 (``runs.old_run_data``) is the alpaca a recipe names.
 
     Raises:
         ConfigError: ``old`` (the run's run.yaml, edited by hand) is empty or not a YAML mapping.
@@ -498,7 +505,7 @@ def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         x, y = a.get(key), b.get(key)
         if y is None and key in DERIVED:
             continue
-        if x != y and not _same_path(key, x, y):
+        if x != y and not _same_path(key, x, y) and (key, x, y) != ("data.template", OLD_ALPACA, "alpaca"):
             out.append(f"{key}: {x!r} -> {y!r}{default_changed(key, x, y, stage, batch_size, a)}")
     return out
 
@@ -585,16 +592,3 @@ def publish_folder(staging: str, out: str) -> None:
             os.rename(aside, out)
         raise
     shutil.rmtree(aside, ignore_errors=True)
-
-
-MARKS = "deltatune_marks.json"
-"""A run's marks, written when it begins (``mark_run``; absent: it began before): ``quant_skip_rule`` 2, it trained
-under quantize's module rule of 2026-12-07 (run_load._quantize notes a run without it when a skip entry names a
-module); ``seq2seq_label_smoothing`` 1, its train.label_smoothing_factor is read as run.yaml has it (old_run_data;
-added by an old run's resume too: runs.write_run_file); ``t2i_reads`` 2, added by stage t2i's trainer as
-the run begins (t2i_reads.mark_reads): it read under the seeded reads (one without it resumes reading as it began)."""
-
-
-def mark_run(folder: str) -> None:
-    with open(os.path.join(folder, MARKS), "w", encoding="utf-8") as fh:
-        json.dump({"quant_skip_rule": 2, "seq2seq_label_smoothing": 1}, fh)

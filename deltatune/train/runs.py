@@ -96,7 +96,48 @@ readers, beside this key; 4f6e087 began holding the rows out)."""
 
 
 MARKS_FILE = "deltatune_marks.json"
-"""``runfolder.MARKS``, the marks a run records when it begins, named here: runs imports nothing of runfolder."""
+"""A run's marks (``runfolder.MARKS``), written when it begins (``mark_run``; absent: it began before):
+``quant_skip_rule`` 2, it trained under quantize's module rule of 2026-12-07 (run_load._quantize notes a run without
+it when a skip entry names a module); ``seq2seq_label_smoothing`` 1, its train.label_smoothing_factor is read as
+run.yaml has it (old_run_data; added by an old run's resume too: write_run_file); ``alpaca_system`` 1, its
+data.template alpaca is LLaMA-Factory's, default system included (``trained_template``; an old run's resume keeps
+alpaca_v0); ``t2i_reads`` 2, added by stage t2i's trainer as the run begins (t2i_reads.mark_reads): it read under the
+seeded reads (one without it resumes reading as it began)."""
+ALPACA_MARK = "alpaca_system"
+"""The mark of a run begun since data.template alpaca writes LLaMA-Factory's default system."""
+OLD_ALPACA = "alpaca_v0"
+"""``templates.OLD_ALPACA``, the alpaca an unmarked run trained with (runs imports nothing of data)."""
+
+
+def mark_run(folder: str) -> None:
+    """Write the marks of a run that begins now (``MARKS_FILE``), whole or not at all."""
+    path = os.path.join(folder, MARKS_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        json.dump({"quant_skip_rule": 2, "seq2seq_label_smoothing": 1, ALPACA_MARK: 1}, fh)
+    os.replace(path + ".tmp", path)
+
+
+def _marks(folder: str | None) -> dict[str, Any]:
+    """``folder``'s marks ({} where there are none or they do not read)."""
+    with (
+        contextlib.suppress(OSError, ValueError),
+        open(os.path.join(folder or "", MARKS_FILE), encoding="utf-8") as fh,
+    ):
+        marks = json.load(fh)
+        return marks if isinstance(marks, dict) else {}
+    return {}
+
+
+def trained_template(template: Any, run_dir: str | None) -> Any:
+    """The data.template the run in ``run_dir`` (or a checkpoint of it) trained with, its run.yaml's ``template``:
+    alpaca in a run folder without ``ALPACA_MARK`` (begun before 2026-12-08) is ``OLD_ALPACA``, which wrote no
+    default system; any other value, or no run folder, as it is."""
+    folder = run_folder(run_dir) if run_dir else None
+    if template != "alpaca" or folder is None or _marks(folder).get(ALPACA_MARK):
+        return template
+    return OLD_ALPACA
+
+
 SMOOTHING_MARK = "seq2seq_label_smoothing"
 """The mark (``runfolder.MARKS``) of a run begun since stage seq2seq reads train.label_smoothing_factor, or resumed
 since (``write_run_file``): its run.yaml is read as written."""
@@ -116,7 +157,11 @@ def old_run_data(raw: dict[str, Any], run_dir: str | None = None) -> tuple[dict[
     align.top_entropy_quantile < 1 took its chunks in order (shuffled since 2f11afa): its steps_per_generation is null
     here (1 when built: eval is unchanged), so a ``--resume`` names the change. A seq2seq run that ignored
     train.label_smoothing_factor (``_smoothing_ignored``) trained and evaluated the plain cross-entropy: its key is
-    null here, with a note; ``deltatune eval`` scores it so, and a ``--resume`` with the key set names it."""
+    null here, with a note; ``deltatune eval`` scores it so, and a ``--resume`` with the key set names it. An
+    alpaca run begun before ``ALPACA_MARK`` reads data.template ``OLD_ALPACA`` (``trained_template``)."""
+    data = raw.get("data")
+    if isinstance(data, dict) and trained_template(data.get("template"), run_dir) != data.get("template"):
+        raw = {**raw, "data": {**data, "template": OLD_ALPACA}}  # (an unmarked alpaca run: as it trained)
     align, train = raw.get("align"), raw.get("train") if isinstance(raw.get("train"), dict) else {}
     smoothing = train.get("label_smoothing_factor")
     if raw.get("stage") == "seq2seq" and smoothing and _smoothing_ignored(run_dir):
@@ -163,10 +208,8 @@ def _smoothing_ignored(run_dir: str | None) -> bool:
     folder = (run_folder(run_dir) or run_dir) if run_dir else None
     if folder is None:
         return True
-    with contextlib.suppress(OSError, ValueError), open(os.path.join(folder, MARKS_FILE), encoding="utf-8") as fh:
-        marks = json.load(fh)
-        if isinstance(marks, dict) and marks.get(SMOOTHING_MARK):
-            return False
+    if _marks(folder).get(SMOOTHING_MARK):
+        return False
     try:
         with open(os.path.join(folder, "report.md"), encoding="utf-8") as fh:
             return SMOOTHING_IGNORED in fh.read()
@@ -210,4 +253,6 @@ def add_mark(folder: str, name: str, value: int) -> None:
 def run_template(adapter_dir: str) -> str | None:
     """The built-in chat template a run trained with (its recipe's ``data.template``), None for the tokenizer's
     (and for a plain adapter folder)."""
-    return (read_recipe(adapter_dir).get("data") or {}).get("template") if run_file(adapter_dir) else None
+    if not run_file(adapter_dir):
+        return None
+    return trained_template((read_recipe(adapter_dir).get("data") or {}).get("template"), adapter_dir)

@@ -1,0 +1,151 @@
+"""Probe 24 of run folders and the alpaca template: the built-in alpaca against LLaMA-Factory's ``alpaca`` (its
+default system written where a row has none, a row's own system with no blank line after it: its
+``register_template(name="alpaca", ...)`` and the chat template its ``_get_jinja_template`` installs), while a run
+folder begun before (no ``alpaca_system`` mark) resumes, evaluates and serves with the alpaca it trained with."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from deltatune.data.templates import IGNORE_INDEX, encode_chat, render
+from deltatune.train.config import build
+from deltatune.train.runfolder import mark_run, recipe_changes, take_derived
+from deltatune.train.runs import MARKS_FILE, old_run_data, read_recipe, run_template
+
+LF_SYSTEM = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+)
+TURNS = [("Hi", "Hello."), ("What is 2+2?", "4, of course.")]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from tiny import smollm2_tokenizer
+
+    return smollm2_tokenizer()
+
+
+def _lf_jinja(eos: str) -> str:
+    """LLaMA-Factory's ``Template._get_jinja_template`` for its alpaca (prefix empty, default_system set, system slot
+    ``{{content}}``, user slot ``### Instruction:\\n{{content}}\\n\\n### Response:\\n``, assistant slot
+    ``{{content}}``, eos_token, ``\\n\\n``), as ``fix_jinja_template`` writes it (replace_jinja_template=True)."""
+    esc = LF_SYSTEM.replace("'", "\\'")
+    return (
+        "{% set system_message = '" + esc + "' %}"
+        "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+        "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% endif %}"
+        "{% if system_message is defined %}{{ system_message }}{% endif %}"
+        "{% for message in loop_messages %}{% set content = message['content'] %}"
+        "{% if message['role'] == 'user' %}{{ '### Instruction:\n' + content + '\n\n### Response:\n' }}"
+        "{% elif message['role'] == 'assistant' %}{{ content + '" + eos + "' + '\n\n' }}{% endif %}{% endfor %}"
+    )
+
+
+def _lf_encode_text(system: str | None, turns) -> str:
+    """LLaMA-Factory's ``Template._encode`` for alpaca as text: ``system or default_system`` before the first user
+    slot (so "" writes the default too), each assistant slot ``content + eos + "\\n\\n"``."""
+    text = system or LF_SYSTEM
+    for q, a in turns:
+        text += f"### Instruction:\n{q}\n\n### Response:\n{a}<|im_end|>\n\n"
+    return text
+
+
+def _messages(system: str | None, turns) -> list[dict]:
+    out = [] if system is None else [{"role": "system", "content": system}]
+    for q, a in turns:
+        out += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return out
+
+
+@pytest.mark.parametrize("system", [None, "Be brief."])
+def test_alpaca_ids_are_llamafactorys_chat_template_ids(tok, system):
+    """The ids of LLaMA-Factory's alpaca chat template (what its exported tokenizer renders) on SmolLM2: HEAD wrote
+    no default system (19 tokens short) and a blank line after a row's system ("Be brief.\\n\\n### ...")."""
+    messages = _messages(system, TURNS)
+    want = tok.apply_chat_template(messages, chat_template=_lf_jinja(tok.eos_token), tokenize=False)
+    want_ids = tok(want, add_special_tokens=False)["input_ids"]
+    ids, labels = encode_chat(messages, tok, "alpaca")
+    assert tok.decode(ids) == want
+    assert ids == want_ids
+    trained = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]  # (each answer through its EOS, as before)
+    assert trained == tok.encode("Hello.<|im_end|>4, of course.<|im_end|>", add_special_tokens=False)
+
+
+@pytest.mark.parametrize("system", [None, "", "Be brief."])
+def test_alpaca_text_is_llamafactorys_encode_text(tok, system):
+    """``Template._encode``: ``system or default_system`` (an empty system writes the default, as no system does)."""
+    assert render(_messages(system, TURNS), tok, "alpaca")[0] == _lf_encode_text(system, TURNS)
+    prompt = render(_messages(system, TURNS[:1])[:-1], tok, "alpaca", add_generation_prompt=True)[0]
+    assert prompt == (system or LF_SYSTEM) + "### Instruction:\nHi\n\n### Response:\n"  # (encode_oneturn's prompt)
+
+
+def _old_text(system: str | None, turns) -> str:
+    """HEAD's alpaca (before the mark): no default system, a system prompt then a blank line."""
+    text = f"{system}\n\n" if system else ""
+    for q, a in turns:
+        text += f"### Instruction:\n{q}\n\n### Response:\n{a}<|im_end|>\n\n"
+    return text
+
+
+def _run_folder(tmp_path, marked: bool):
+    """A stopped sft run with data.template alpaca: run.yaml and a checkpoint; marked as a run begun now, or not (a
+    run begun before the mark existed)."""
+    out = tmp_path / ("new" if marked else "old")
+    (out / "checkpoint-2").mkdir(parents=True)
+    recipe = {
+        "stage": "sft",
+        "model": {"name_or_path": str(tmp_path / "base")},
+        "method": {"name": "lora", "r": 2},
+        "data": {"train": str(tmp_path / "t.jsonl"), "template": "alpaca"},
+        "output": {"dir": str(out)},
+    }
+    (out / "run.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    if marked:
+        mark_run(str(out))
+    return out, recipe
+
+
+@pytest.mark.parametrize("marked", [False, True])
+def test_a_run_begun_before_the_mark_resumes_evaluates_and_serves_with_its_alpaca(tok, tmp_path, marked):
+    """An unmarked run folder reads data.template alpaca as it trained (alpaca_v0) where resume (take_derived, after
+    the recipe comparison, which names no change), eval (old_run_data) and chat / generate / serve (run_template)
+    read it; a run begun now (mark_run) reads LLaMA-Factory's."""
+    out, recipe = _run_folder(tmp_path, marked)
+    cfg = build(recipe)
+    old, note = old_run_data(read_recipe(str(out)), str(out))
+    assert note == "" and recipe_changes(old, recipe) == []
+    take_derived(cfg, str(out))
+    for_template = {
+        "resume": cfg.data.template,
+        "eval": build(old).data.template,
+        "serve": run_template(str(out)),
+        "checkpoint": run_template(str(out / "checkpoint-2")),
+    }
+    want = "alpaca" if marked else "alpaca_v0"
+    assert for_template == dict.fromkeys(for_template, want)
+    for system in (None, "Be brief."):
+        messages = _messages(system, TURNS)
+        ids = encode_chat(messages, tok, cfg.data.template)[0]
+        text = _lf_encode_text(system, TURNS) if marked else _old_text(system, TURNS)
+        assert ids == tok(text, add_special_tokens=False)["input_ids"]
+    # the resumed run's run.yaml, rewritten with the recipe it resumes with (--resume-changed), compares the same
+    again = {**recipe, "data": {**recipe["data"], "template": cfg.data.template}}
+    assert recipe_changes(old_run_data(again, str(out))[0], recipe) == []
+    marks = out / MARKS_FILE
+    assert (json.loads(marks.read_text(encoding="utf-8")).get("alpaca_system") if marked else marks.exists()) in (
+        1,
+        False,
+    )
+
+
+def test_an_old_alpaca_run_resumed_under_another_template_is_a_change(tmp_path):
+    """The old alpaca is read as alpaca only against a recipe naming alpaca: chatml is named as the change it is."""
+    out, recipe = _run_folder(tmp_path, marked=False)
+    old = old_run_data(read_recipe(str(out)), str(out))[0]
+    chatml = {**recipe, "data": {**recipe["data"], "template": "chatml"}}
+    assert recipe_changes(old, chatml) == ["data.template: 'alpaca_v0' -> 'chatml'"]
+    bnpo = {**recipe, "stage": "grpo", "align": {"loss_type": "bnpo", "mini_batch_size": 1}}  # (read as it trained)
+    assert old_run_data(bnpo, str(out))[0]["data"]["template"] == "alpaca_v0"
