@@ -1,4 +1,5 @@
-"""Which stage reads which recipe key: ``READ_BY`` and ``ignored_keys``, the keys a run names as set but not read
+"""Which stage reads which recipe key: ``READ_BY`` and ``ignored_keys``, the keys a run names as set but not read;
+``validate_model``, the ``model`` keys transformers' from_pretrained reads
 (split off train/config.py in session 55 when it reached its line limit; ``cfg`` is a config.RunConfig, not imported:
 config.py imports this module)."""
 
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..config import ConfigError
 from .config_train import ON_EVAL, TrainArgs
 from .table import STAGES
 
@@ -87,3 +89,29 @@ def _unread_here(cfg: Any) -> list[tuple[str, str]]:
 
 NO_ADAM = ("sgd", "adagrad", "rmsprop", "adafactor")
 """train.optim names whose optimizer takes none of train.adam_beta1, adam_beta2, adam_epsilon."""
+
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+"""model.dtype's values: torch's names, as transformers' from_pretrained reads ``dtype``; ``auto`` is deltatune's
+(bfloat16 where the machine computes in it at speed, else float32), not transformers' (the checkpoint's own)."""
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+"""model.attn_implementation's values (transformers' ``attn_implementation``); null: transformers' default (sdpa
+where the model has it, else eager); an ``org/name`` hub kernel goes through as transformers reads one."""
+
+
+def validate_model(m: Any) -> None:
+    """The ``model`` keys that from_pretrained reads, checked at recipe read: a bad dtype was refused only when the
+    model loaded (after the data was prepared), an unknown attn_implementation with transformers' long ValueError."""
+    if m.dtype not in DTYPES:
+        short = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(str(m.dtype))
+        short = f" (train.precision's spelling; here write {short})" if short else ""
+        raise ConfigError(f"model.dtype must be {', '.join(DTYPES)}, got {m.dtype!r}{short}")
+    if m.revision is not None and (not isinstance(m.revision, str) or not m.revision.strip()):
+        raise ConfigError(f"model.revision must be a hub branch, tag or commit id (or null), got {m.revision!r}")
+    impl = m.attn_implementation
+    if impl is not None and impl not in ATTN_IMPLEMENTATIONS and not (isinstance(impl, str) and "/" in impl):
+        raise ConfigError(
+            f"model.attn_implementation must be null (transformers' default) or one of "
+            f"{', '.join(ATTN_IMPLEMENTATIONS)}, got {impl!r}"
+        )

@@ -1,6 +1,7 @@
 """What a local model folder's files say, read without loading a model: which weights file and shard index
 transformers reads, one key of a JSON file, the weights file that does not open, a config.json field of the wrong
-type. Split from models.py (session 57), which neared its line limit."""
+type, whether a JSON file reads as an object, which file names a folder's own image processor code. Split from
+models.py (sessions 57, 59), which neared its line limit."""
 
 from __future__ import annotations
 
@@ -94,4 +95,34 @@ def config_problem(path: str) -> str | None:
         return f"has a value of the wrong type ({why})"
     except Exception:  # noqa: BLE001 (not this check's to report)
         return None
+    return None
+
+
+def json_problem(file: str) -> str | None:
+    """What is wrong with a JSON file transformers reads as an object (config.json, a sharded checkpoint's index):
+    not valid JSON, or not an object (transformers raised a JSONDecodeError or a TypeError from deep inside);
+    None when it reads, or cannot be opened (transformers' own error names that)."""
+    import json
+
+    try:
+        with open(file, encoding="utf-8") as f:
+            value = json.load(f)
+    except OSError:
+        return None
+    except UnicodeDecodeError as exc:
+        return f"is not UTF-8 text (byte {exc.start})"
+    except ValueError as exc:
+        return f"is not valid JSON (line {exc.lineno}: {exc.msg})" if hasattr(exc, "lineno") else "is not valid JSON"
+    return None if isinstance(value, dict) else f"is not a JSON object (a {type(value).__name__})"
+
+
+def own_image_processor(path: str) -> str | None:
+    """The file whose auto_map names the folder's own image processor code, where transformers looks:
+    preprocessor_config.json's (AutoImageProcessor, or AutoFeatureExtractor), else config.json's
+    AutoImageProcessor (read for any model_type, llama's too); None for neither."""
+    for file, names in (("preprocessor_config.json", ("AutoImageProcessor", "AutoFeatureExtractor")),
+                        ("config.json", ("AutoImageProcessor",))):  # fmt: skip
+        auto_map = json_value(os.path.join(path, file), "auto_map")
+        if isinstance(auto_map, dict) and any(name in auto_map for name in names):
+            return file if file != "config.json" else "its config.json"
     return None

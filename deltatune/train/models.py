@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 
 from ..config import ConfigError
 from . import embedded
-from .model_files import broken_weights, config_problem, json_value, no_vocabulary, read_index
+from .model_files import broken_weights, config_problem, json_problem, json_value, no_vocabulary, read_index
 from .table import IMAGE_STAGES
 
 HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "IMAGE_CLS")
@@ -67,15 +67,30 @@ TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map
 """The tokenizer's JSON files, each read as an object; named when a tokenizer fails to load and one is damaged."""
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """The model's tokenizer, with a pad token (EOS when it has none)."""
+def hub_revision(name_or_path: str, revision: str | None) -> dict:
+    """from_pretrained's ``revision`` (model.revision) for ``name_or_path``: {} when none is asked. A local folder (an
+    embedded model's copy too) has no revisions, and transformers ignores one there silently: refused."""
+    if revision is None:
+        return {}
+    if os.path.isdir(resolve_path(name_or_path)) or os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")):
+        raise ConfigError(
+            f"model.revision is {revision!r}, but model {name_or_path!r} is a local folder, which has no revisions "
+            "(transformers would load its files as they are): drop model.revision, or check out that revision there"
+        )
+    return {"revision": revision}
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
+    """The model's tokenizer, with a pad token (EOS when it has none); ``revision``: the hub id's branch, tag or
+    commit (``hub_revision``)."""
     from transformers import AutoTokenizer
 
+    hub = hub_revision(name_or_path, revision)
     path = resolve_path(name_or_path)
     if os.path.isdir(path) and (problem := json_problem(os.path.join(path, "config.json")) or config_problem(path)):
         raise ConfigError(f"model {name_or_path!r}: config.json {problem}")  # (its tokenizer reads it too)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
     except OSError as exc:
         raise not_loaded(name_or_path, exc) from None
     except (ValueError, TypeError, AttributeError) as exc:
@@ -136,6 +151,8 @@ def load_image_processor(name_or_path: str, trust_remote_code: bool = False):
     """
     from transformers import AutoConfig, AutoImageProcessor
 
+    from .model_files import own_image_processor
+
     path = resolve_path(name_or_path)
     for file in ("config.json", "preprocessor_config.json") if os.path.isdir(path) else ():
         if problem := json_problem(os.path.join(path, file)) or file == "config.json" and config_problem(path):
@@ -153,7 +170,7 @@ def load_image_processor(name_or_path: str, trust_remote_code: bool = False):
     except OSError as exc:
         raise ConfigError(f"model {name_or_path!r} has no image processor ({str(exc).splitlines()[0]})") from None
     except ValueError as exc:  # (transformers' multi-line refusal: a type it does not know, remote code untrusted)
-        own = _own_image_processor(path)
+        own = own_image_processor(path)
         # (config.json's auto_map with a model_type of its own: transformers, untrusted, reads no config and finds
         # no image processor)
         unread = own == "its config.json" and "Unrecognized image processor" in str(exc)
@@ -177,18 +194,6 @@ def load_image_processor(name_or_path: str, trust_remote_code: bool = False):
         ) from None
 
 
-def _own_image_processor(path: str) -> str | None:
-    """The file whose auto_map names the folder's own image processor code, where transformers looks:
-    preprocessor_config.json's (AutoImageProcessor, or AutoFeatureExtractor), else config.json's
-    AutoImageProcessor (read for any model_type, llama's too); None for neither."""
-    for file, names in (("preprocessor_config.json", ("AutoImageProcessor", "AutoFeatureExtractor")),
-                        ("config.json", ("AutoImageProcessor",))):  # fmt: skip
-        auto_map = json_value(os.path.join(path, file), "auto_map")
-        if isinstance(auto_map, dict) and any(name in auto_map for name in names):
-            return file if file != "config.json" else "its config.json"
-    return None
-
-
 def not_loaded(name_or_path: str, exc: OSError) -> ConfigError:
     """The one line for a model (or its tokenizer) that transformers could not read: a local folder's missing
     file, or a name that is no local folder and that the hub could not provide (offline, gated, misspelt)."""
@@ -203,20 +208,23 @@ def not_loaded(name_or_path: str, exc: OSError) -> ConfigError:
     )
 
 
-def load_processor(name_or_path: str, stage: str, trust_remote_code: bool = False, text_encoder: str | None = None):
-    """What turns a stage's rows into model inputs: the image processor for image stages, else the tokenizer.
+def load_processor(
+    name_or_path: str, stage: str, trust_remote_code: bool = False, text_encoder: str | None = None, revision=None
+):
+    """What turns a stage's rows into model inputs: the image processor for image stages, else the tokenizer (at the
+    hub id's ``revision``: the other processors load from the main revision or a local folder).
 
     Raises:
         ConfigError: the model or its tokenizer cannot be read (a folder without tokenizer files, a hub name that
             the hub, offline or unreachable, could not provide).
     """
     try:
-        return _load_processor(name_or_path, stage, trust_remote_code, text_encoder)
+        return _load_processor(name_or_path, stage, trust_remote_code, text_encoder, revision)
     except OSError as exc:
         raise not_loaded(name_or_path, exc) from None
 
 
-def _load_processor(name_or_path: str, stage: str, trust_remote_code: bool, text_encoder: str | None):
+def _load_processor(name_or_path: str, stage: str, trust_remote_code: bool, text_encoder: str | None, revision):
     if stage == "t2i":
         from .t2i import T2IProcessor
 
@@ -234,7 +242,7 @@ def _load_processor(name_or_path: str, stage: str, trust_remote_code: bool, text
         return CaptionProcessor(images, tok)
     if stage in IMAGE_STAGES:
         return load_image_processor(name_or_path, trust_remote_code)
-    return load_tokenizer(name_or_path, trust_remote_code)
+    return load_tokenizer(name_or_path, trust_remote_code, revision)
 
 
 def fast_bf16() -> bool:
@@ -292,13 +300,18 @@ def load_model(
     id2label: dict[int, str] | None = None,
     trust_remote_code: bool = False,
     pad_token_id: int | None = None,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
 ):
     """The base model with the head for ``task_type`` (a new, randomly initialised head where the checkpoint has
     none, or one for another number of classes, e.g. a classifier on an encoder).
 
     A head task's classes are ``id2label`` (their names, in class-id order) or, without names, ``num_labels``
-    (named ``LABEL_i``); given both, they must agree (``ConfigError`` otherwise)."""
-    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    (named ``LABEL_i``); given both, they must agree (``ConfigError`` otherwise). ``revision`` (a hub id's) and
+    ``attn_implementation`` (None: transformers' default, sdpa where the model has it) go to ``from_pretrained``."""
+    kwargs: dict = {"trust_remote_code": trust_remote_code, **hub_revision(name_or_path, revision)}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     if dtype not in ("float32", "bfloat16", "float16", "auto"):
         raise ConfigError(f"model.dtype must be float32, bfloat16, float16 or auto, got {dtype!r}")
     dtype = resolved_dtype(dtype)
@@ -322,7 +335,7 @@ def load_model(
     path = resolve_path(name_or_path)
     check_model_folder(name_or_path, path)
     try:
-        if task_type == "CAUSAL_LM" and _kind(path, trust_remote_code, unreachable=True) in ENCODER_LMS:
+        if task_type == "CAUSAL_LM" and _kind(path, trust_remote_code, True, kwargs.get("revision")) in ENCODER_LMS:
             kwargs["is_decoder"] = True  # an encoder's causal-LM class (BertLMHeadModel) masks the future only so
         if task_type in HEAD_TASKS:
             model = _load_with_new_head(auto_class(task_type), path, kwargs)
@@ -330,6 +343,10 @@ def load_model(
             model = auto_class(task_type).from_pretrained(path, **kwargs)
     except OSError as exc:
         raise not_loaded(name_or_path, exc) from None
+    except ImportError as exc:  # (flash_attention_2 / _3 without its package: transformers' ImportError)
+        if attn_implementation is None:
+            raise
+        raise ConfigError(f"model.attn_implementation={attn_implementation}: {str(exc).splitlines()[0]}") from None
     except SafetensorError as exc:  # a truncated or corrupt weights file
         file, why = broken_weights(path) or ("", str(exc))
         raise ConfigError(
@@ -344,6 +361,11 @@ def load_model(
             raise
         if refusal := _refusal(name_or_path, path, str(exc), trust_remote_code):
             raise ConfigError(refusal) from None
+        if attn_implementation and any(w in str(exc) for w in ("attn_implementation", "attention implementation")):
+            raise ConfigError(  # (an unknown name, or one this model's class has not: transformers' long list)
+                f"model.attn_implementation={attn_implementation!r}: transformers refused it for model "
+                f"{name_or_path!r} ({str(exc).splitlines()[0][:160]}): use eager, sdpa, or one this model supports"
+            ) from None
         if "Unrecognized configuration class" not in str(exc):
             raise
         kind = _kind(path, trust_remote_code)
@@ -419,24 +441,6 @@ def check_model_folder(name_or_path: str, path: str) -> None:
     raise ConfigError(f"model {name_or_path!r} holds no config.json: not a transformers model folder")
 
 
-def json_problem(file: str) -> str | None:
-    """What is wrong with a JSON file transformers reads as an object (config.json, a sharded checkpoint's index):
-    not valid JSON, or not an object (transformers raised a JSONDecodeError or a TypeError from deep inside);
-    None when it reads, or cannot be opened (transformers' own error names that)."""
-    import json
-
-    try:
-        with open(file, encoding="utf-8") as f:
-            value = json.load(f)
-    except OSError:
-        return None
-    except UnicodeDecodeError as exc:
-        return f"is not UTF-8 text (byte {exc.start})"
-    except ValueError as exc:
-        return f"is not valid JSON (line {exc.lineno}: {exc.msg})" if hasattr(exc, "lineno") else "is not valid JSON"
-    return None if isinstance(value, dict) else f"is not a JSON object (a {type(value).__name__})"
-
-
 def _refusal(name_or_path: str, path: str, error: str, trusted: bool) -> str | None:
     """The one line for transformers' multi-line refusals of a model: its own code not trusted, a model type this
     transformers does not know, weights of other sizes than its config's; None for any other error."""
@@ -495,16 +499,17 @@ ENCODER_LMS = {"Bert", "Roberta", "XLMRoberta", "XLMRobertaXL", "Electra", "Came
 only warns): MiniLM, the default model, trained as a causal LM that saw the tokens it predicts."""
 
 
-def _kind(path: str, trust_remote_code: bool, unreachable: bool = False) -> str:
+def _kind(path: str, trust_remote_code: bool, unreachable: bool = False, revision: str | None = None) -> str:
     """The model family a folder's config names (``LlamaConfig``: "Llama"), read from the config itself rather than
     from the wording of transformers' error; "?" when it cannot be read. ``unreachable``: a hub id the hub could not
     provide raises its OSError (read as "?", the model's load tried the hub again: twice the client's retries)."""
     from transformers import AutoConfig
 
     try:
-        return type(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)).__name__.removesuffix(
-            "Config"
+        config = AutoConfig.from_pretrained(
+            path, trust_remote_code=trust_remote_code, **({"revision": revision} if revision else {})
         )
+        return type(config).__name__.removesuffix("Config")
     except OSError:
         if unreachable and not os.path.isdir(path):
             raise

@@ -1,0 +1,189 @@
+"""Probe 24: loading the base model a recipe names, against transformers' from_pretrained (revision,
+attn_implementation, dtype names) and its sharded checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import tiny
+import torch
+import transformers
+from huggingface_hub.errors import StrictDataclassError
+
+from deltatune.config import ConfigError
+from deltatune.train import embedded
+from deltatune.train.config_read import validate_model
+from deltatune.train.models import load_model, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny.save_tiny(tmp_path_factory.mktemp("llama"), "llama")
+
+
+def _one_line(exc: pytest.ExceptionInfo, *words: str) -> str:
+    text = str(exc.value)
+    assert "\n" not in text and all(w in text for w in words), text
+    return text
+
+
+def test_a_revision_on_a_local_folder_is_refused_not_ignored(folder):
+    # transformers ignores revision= for a local folder (the folder's files load whatever the revision says)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, revision="v1.0")
+    assert ref is not None
+    with pytest.raises(ConfigError) as exc:
+        load_model(folder, "CAUSAL_LM", revision="v1.0")
+    _one_line(exc, "model.revision", "'v1.0'", "local folder")
+    with pytest.raises(ConfigError) as exc:
+        load_tokenizer(folder, revision="v1.0")
+    _one_line(exc, "model.revision")
+
+
+def test_revision_and_attn_implementation_reach_from_pretrained_for_a_hub_id(folder, monkeypatch):
+    seen = {}
+    config = transformers.AutoConfig.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+
+    def record(what, value):
+        def from_pretrained(name, **kwargs):
+            seen[what] = (name, kwargs)
+            return value
+
+        return from_pretrained
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", record("config", config))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", record("model", model))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", record("tok", tok))
+    load_tokenizer("org/some-model", revision="abc123")
+    load_model("org/some-model", "CAUSAL_LM", revision="abc123", attn_implementation="eager")
+    assert seen["tok"][1]["revision"] == "abc123" and "attn_implementation" not in seen["tok"][1]
+    assert seen["model"][1]["revision"] == "abc123" and seen["model"][1]["attn_implementation"] == "eager"
+    assert seen["config"][1]["revision"] == "abc123"  # (the config read for the model's kind: the same revision)
+
+
+def test_eager_and_sdpa_give_the_same_logits(folder):
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102], [101, 2023, 102, 0, 0, 0]])
+    mask = (ids != 0).long()
+    out = {}
+    for impl in ("eager", "sdpa"):
+        model = load_model(folder, "CAUSAL_LM", attn_implementation=impl)
+        assert model.config._attn_implementation == impl
+        ref = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation=impl)
+        with torch.no_grad():
+            out[impl] = model(input_ids=ids, attention_mask=mask).logits
+            torch.testing.assert_close(out[impl], ref(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+    torch.testing.assert_close(out["eager"][mask.bool()], out["sdpa"][mask.bool()], rtol=0, atol=1e-5)
+
+
+def test_an_unknown_attn_implementation_is_one_line_at_load_and_at_recipe_read(folder):
+    with pytest.raises(ConfigError) as exc:
+        load_model(folder, "CAUSAL_LM", attn_implementation="bogus")
+    _one_line(exc, "model.attn_implementation", "'bogus'")
+    with pytest.raises(ConfigError) as exc:
+        validate_model(SimpleNamespace(revision=None, attn_implementation="bogus", dtype="float32"))
+    _one_line(exc, "model.attn_implementation", "'bogus'", "eager", "sdpa")
+    validate_model(SimpleNamespace(revision="v1.0", attn_implementation="flash_attention_2", dtype="auto"))
+
+
+@pytest.mark.skipif(transformers.utils.is_flash_attn_2_available(), reason="flash-attn is installed here")
+def test_flash_attention_2_without_its_package_is_one_line(folder):
+    with pytest.raises(ConfigError) as exc:
+        load_model(folder, "CAUSAL_LM", attn_implementation="flash_attention_2")
+    _one_line(exc, "model.attn_implementation", "flash_attention_2")
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("dtype", "bf16", ("model.dtype", "'bf16'", "bfloat16")),
+        ("dtype", "fp16", ("model.dtype", "'fp16'", "float16")),
+        ("revision", "", ("model.revision",)),
+        ("revision", 3, ("model.revision",)),
+    ],
+)
+def test_model_keys_are_checked_at_recipe_read(key, value, words):
+    # transformers takes dtype names torch knows ("bfloat16", "float16", "float32") or "auto"; "bf16" is train.precision's
+    assert not isinstance(getattr(torch, str(value), None), torch.dtype)  # (transformers' getattr(torch, dtype))
+    keys = {"revision": None, "attn_implementation": None, "dtype": "float32", key: value}
+    with pytest.raises(ConfigError) as exc:
+        validate_model(SimpleNamespace(**keys))
+    _one_line(exc, *words)
+
+
+def test_sharded_safetensors_load_as_transformers_and_a_missing_shard_is_named(folder, tmp_path):
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    ref.save_pretrained(tmp_path, max_shard_size="200KB")
+    transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    ids = torch.tensor([[101, 2023, 2003, 102]])
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(str(tmp_path), "CAUSAL_LM")(ids).logits, ref(ids).logits)
+    os.remove(tmp_path / shards[1])
+    with pytest.raises(ConfigError) as exc:
+        load_model(str(tmp_path), "CAUSAL_LM")
+    _one_line(exc, shards[1])
+
+
+def test_a_config_value_of_the_wrong_type_is_one_line(folder, tmp_path):
+    for name in os.listdir(folder):
+        shutil.copy(os.path.join(folder, name), tmp_path / name)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": "32"}))
+    with pytest.raises(StrictDataclassError):  # transformers refuses it too (its configs are strict dataclasses)
+        transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    with pytest.raises(ConfigError) as exc:
+        load_model(str(tmp_path), "CAUSAL_LM")
+    _one_line(exc, "config.json", "hidden_size")
+
+
+def test_a_tokenizer_without_pad_token_pads_with_eos(folder, tmp_path):
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).pad_token is None
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.pad_token == loaded.eos_token == tok.eos_token is not None
+
+
+def test_embedded_short_names_and_their_hub_ids():
+    assert embedded.hub_id("minilm") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert embedded.hub_id("smollm2") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert embedded.resolve("sentence-transformers/all-MiniLM-L6-v2") == embedded.resolve("minilm")
+    assert embedded.hub_id("org/other") == "org/other" and embedded.resolve("org/other") == "org/other"
+
+
+@pytest.mark.skipif(
+    not hasattr(__import__("deltatune.train.config", fromlist=["ModelArgs"]).ModelArgs(), "attn_implementation"),
+    reason="ModelArgs has no revision / attn_implementation fields yet (config.py, not this probe's file)",
+)
+def test_a_runs_attn_implementation_is_recorded_and_loaded_back(tmp_path):
+    import sys
+
+    import yaml
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "reliability"))
+    from reliability_helpers import ROWS, cli, write_recipe
+
+    from deltatune.train.run_load import load_adapter_model
+
+    model = tiny.save_tiny(tmp_path / "bert", "bert", "seq_cls")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    recipe = write_recipe(
+        tmp_path / "r.yaml", model, str(tmp_path / "train.jsonl"), str(tmp_path / "run"), max_steps=1
+    )
+    code, _, err = cli("train", recipe, "model.attn_implementation=eager")
+    assert code == 0, err
+    assert yaml.safe_load((tmp_path / "run" / "run.yaml").read_text())["model"]["attn_implementation"] == "eager"
+    delta, _ = load_adapter_model(str(tmp_path / "run"))
+    assert delta.get_base_model().config._attn_implementation == "eager"
+    code, _, err = cli("train", recipe, "--overwrite", "model.revision=v1.0")
+    assert code != 0 and "model.revision" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = cli("train", recipe, "--overwrite", "model.attn_implementation=bogus")
+    assert code != 0 and "model.attn_implementation" in err and len(err.strip().splitlines()) == 1, err
