@@ -17,7 +17,7 @@ from huggingface_hub.errors import StrictDataclassError
 from deltatune.config import ConfigError
 from deltatune.train import embedded
 from deltatune.train.config_read import validate_model
-from deltatune.train.models import load_model, load_tokenizer
+from deltatune.train.models import load_model, load_processor, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,21 @@ def test_revision_and_attn_implementation_reach_from_pretrained_for_a_hub_id(fol
     assert seen["tok"][1]["revision"] == "abc123" and "attn_implementation" not in seen["tok"][1]
     assert seen["model"][1]["revision"] == "abc123" and seen["model"][1]["attn_implementation"] == "eager"
     assert seen["config"][1]["revision"] == "abc123"  # (the config read for the model's kind: the same revision)
+
+
+def test_an_image_stages_processor_loads_the_same_revision(monkeypatch):
+    seen = {}
+
+    def from_pretrained(name, **kwargs):
+        seen[name] = kwargs
+        return transformers.ViTImageProcessorPil()
+
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", from_pretrained)
+    load_processor("org/some-vit", "image_cls", revision="abc123")
+    assert seen["org/some-vit"]["revision"] == "abc123"  # (the model loads that revision: its processor with it)
+    with pytest.raises(ConfigError) as exc:
+        load_processor(tiny.minilm_path(), "image_cls", revision="abc123")
+    _one_line(exc, "model.revision")
 
 
 def test_eager_and_sdpa_give_the_same_logits(folder):

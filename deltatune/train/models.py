@@ -142,7 +142,7 @@ def _built_empty(path: str, tok) -> bool:
     )
 
 
-def load_image_processor(name_or_path: str, trust_remote_code: bool = False):
+def load_image_processor(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
     """The model's image processor (transformers' PIL backend where torchvision is missing).
 
     A model folder without ``preprocessor_config.json`` (a model saved from a config) gets ViT's processor at the
@@ -153,7 +153,7 @@ def load_image_processor(name_or_path: str, trust_remote_code: bool = False):
 
     from .model_files import own_image_processor
 
-    path = resolve_path(name_or_path)
+    hub, path = hub_revision(name_or_path, revision), resolve_path(name_or_path)
     for file in ("config.json", "preprocessor_config.json") if os.path.isdir(path) else ():
         if problem := json_problem(os.path.join(path, file)) or file == "config.json" and config_problem(path):
             raise ConfigError(f"model {name_or_path!r}: {file} {problem}")
@@ -166,7 +166,7 @@ def load_image_processor(name_or_path: str, trust_remote_code: bool = False):
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return ViTImageProcessorPil(size={"height": height, "width": width})
     try:
-        return AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
     except OSError as exc:
         raise ConfigError(f"model {name_or_path!r} has no image processor ({str(exc).splitlines()[0]})") from None
     except ValueError as exc:  # (transformers' multi-line refusal: a type it does not know, remote code untrusted)
@@ -212,7 +212,7 @@ def load_processor(
     name_or_path: str, stage: str, trust_remote_code: bool = False, text_encoder: str | None = None, revision=None
 ):
     """What turns a stage's rows into model inputs: the image processor for image stages, else the tokenizer (at the
-    hub id's ``revision``: the other processors load from the main revision or a local folder).
+    hub id's ``revision``, as the image processor; t2i's and a VLM's processors load the hub's main revision).
 
     Raises:
         ConfigError: the model or its tokenizer cannot be read (a folder without tokenizer files, a hub name that
@@ -234,14 +234,14 @@ def _load_processor(name_or_path: str, stage: str, trust_remote_code: bool, text
 
         if model_kind(resolve_path(name_or_path)) == "decoder-only":  # LLaVA, BLIP-2: the model's own processor
             return load_vlm_processor(resolve_path(name_or_path), trust_remote_code)
-        images = load_image_processor(name_or_path, trust_remote_code)
-        tok = load_tokenizer(name_or_path, trust_remote_code)
+        images = load_image_processor(name_or_path, trust_remote_code, revision)
+        tok = load_tokenizer(name_or_path, trust_remote_code, revision)
         if tok.eos_token is None:  # a BERT decoder's: the model's config names its end ([SEP]); saved with the run
             eos = _config_eos(name_or_path, trust_remote_code)
             tok.eos_token = tok.convert_ids_to_tokens(eos) if eos is not None else None
         return CaptionProcessor(images, tok)
     if stage in IMAGE_STAGES:
-        return load_image_processor(name_or_path, trust_remote_code)
+        return load_image_processor(name_or_path, trust_remote_code, revision)
     return load_tokenizer(name_or_path, trust_remote_code, revision)
 
 
