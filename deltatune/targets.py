@@ -415,6 +415,8 @@ def _refuse_experts(
     else:
         unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in found)]
         hits = [(n, m) for n, m in experts if any(n == t or n.endswith("." + t) for t in unmatched)]
+    # A router (transformers 5's ...TopKRouter: a bare 2-D weight; peft 0.22 moves "gate" to target_parameters)
+    routers = {n: m for n, m in model.named_modules() if "Router" in type(m).__name__ and n in found}
     if hits and loading and found:  # (a file holding the experts' tensors is refused as it is read: foreign keys)
         name, module = hits[0]
         warnings.warn(
@@ -423,12 +425,13 @@ def _refuse_experts(
             "(a new adapter with these targets is refused)",
             stacklevel=4,
         )
-    elif hits:
-        name, module = hits[0]
-        rest = sorted({n.rsplit(".", 1)[-1] for n in found})
+    elif hits or (routers and method == "lora"):
+        name, module = (hits or list(routers.items()))[0]
+        rest = sorted({n.rsplit(".", 1)[-1] for n in found if n not in routers})
+        what = "a 3-D parameter of {} (the fused experts)" if hits else "the router ({}: a bare 2-D weight)"
         raise ConfigError(
-            f"{method}: target_modules={targets!r} reaches {name}, a 3-D parameter of {type(module).__name__} (the "
-            "fused experts), which deltatune cannot adapt (peft's target_parameters); name the other targets"
+            f"{method}: target_modules={targets!r} reaches {name}, {what.format(type(module).__name__)}, which "
+            "deltatune cannot adapt (peft's target_parameters); name the other targets"
             + (f": {rest}" if rest else " (attention: q_proj, k_proj, v_proj, o_proj)")
         )
 
@@ -446,18 +449,7 @@ dense layer's MLP (Qwen MoE's mlp_only_layers, DeepSeek's first layers) is wrapp
 BOTTLENECK_TARGETS: dict[str, dict[str, str]] = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "deberta-v2", "layoutlm"), _BERT_LIKE),
     **dict.fromkeys(
-        (
-            "llama",
-            "qwen2",
-            "qwen3",
-            "mistral",
-            "gemma",
-            "gemma2",
-            "olmo",
-            "olmo2",
-            "stablelm",
-        ),
-        _LLAMA_LIKE,
+        ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "olmo", "olmo2", "stablelm"), _LLAMA_LIKE
     ),
     "starcoder2": {**_LLAMA_LIKE, "ffn": r".*\.layers\.\d+\.mlp\.c_proj"},
     **dict.fromkeys(("mixtral", "qwen2_moe", "qwen3_moe"), MOE_BOTTLENECK),

@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import transformers as T
+from packaging.version import Version
 
 import deltatune as dt
 from deltatune.config import ConfigError
@@ -54,3 +55,19 @@ def test_a_new_adapter_naming_a_fused_expert_projection_is_still_refused():
     """A new adapter naming the fused experts' down_proj still is (deltatune cannot adapt what it names)."""
     with pytest.raises(ConfigError, match=r"reaches model\.layers\.0\.mlp\.experts\.down_proj, a 3-D parameter"):
         dt.get_delta_model(_moe("mixtral"), dt.LoraConfig(r=2, target_modules=["down_proj", "q_proj"]))
+
+
+@pytest.mark.parametrize(("family", "router"), [("mixtral", "gate"), ("gpt_oss", "router")])
+def test_a_target_naming_the_router_is_refused_as_peft_s_target_parameters(family, router):
+    """A mixture of experts' router (transformers 5's ...TopKRouter, a bare 2-D weight) is no layer deltatune adapts;
+    peft 0.22 moves Mixtral's "gate" to target_parameters ("gate.weight"). deltatune refused it as any other module
+    type ("is a MixtralTopKRouter; LoRA adapts nn.Linear, ..."), not saying what peft does nor which targets to keep,
+    as it says for the fused experts."""
+    base = _moe(family)
+    if family == "mixtral" and Version(peft.__version__) >= Version("0.22"):  # (its v4-to-v5 conversion)
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=[router, "q_proj"]))
+        assert theirs.peft_config["default"].target_parameters == {"gate.weight"}
+    with pytest.raises(
+        ConfigError, match=rf"reaches model\.layers\.0\.mlp\.{router}, the router .*target_parameters.*: \['q_proj'\]"
+    ):
+        dt.get_delta_model(base, dt.LoraConfig(r=2, target_modules=[router, "q_proj"]))
