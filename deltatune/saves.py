@@ -9,6 +9,7 @@ Split from files.py in session 59, when files.py was at its limit; files.py impo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -87,11 +88,11 @@ def _finish(folder: str, name: str, only: str | None = None) -> bool:
     for adapter, move in moves.items():
         dest = os.path.normpath(os.path.join(folder, move["folder"]))
         os.makedirs(dest, exist_ok=True)
-        for file in move["files"]:
-            if os.path.lexists(os.path.join(tmp, adapter, file)):
+        for file in move["files"]:  # (FileNotFoundError: moved already, by another load finishing it too)
+            with contextlib.suppress(FileNotFoundError):
                 os.replace(os.path.join(tmp, adapter, file), os.path.join(dest, file))
         for file in move["gone"]:
-            if os.path.lexists(os.path.join(dest, file)):
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(dest, file))
     return True
 
