@@ -120,3 +120,28 @@ def test_eval_of_a_plain_adapter_routes_image_rows_by_the_columns_the_overrides_
     assert raw["stage"] == "image_cls"
     raw, _ = _recipe(str(adapter), str(data), False, [])  # (no override: the columns are not an image row's)
     assert raw["stage"] != "image_cls"
+
+
+def test_a_roberta_or_gpt2_base_reads_its_words_as_run_ner_does_with_add_prefix_space(tmp_path):
+    # run_ner loads a bloom / gpt2 / roberta / deberta model's tokenizer with add_prefix_space=True (RoBERTa's
+    # tokenizer then sets its ByteLevel pre-tokenizer's add_prefix_space): the first word is "ĠEU", as every other
+    # word. Before, deltatune read the words from the text without it: "EU", the first word of every row otherwise.
+    import copy
+
+    from tokenizers import pre_tokenizers
+    from transformers import RobertaConfig
+
+    from tests.tiny import smollm2_tokenizer
+
+    tok = smollm2_tokenizer()  # (a byte-level BPE, as GPT-2's and RoBERTa's, loaded without the prefix space)
+    RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                  intermediate_size=37).save_pretrained(tmp_path / "roberta")  # fmt: skip
+    prepared = prepare_tag(_tag_cfg(tmp_path, ROWS, str(tmp_path / "roberta")), tok)
+    reference = copy.deepcopy(tok)
+    reference.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    label_to_id = {t: i for i, t in enumerate(prepared.labels)}
+    ids, labels = _run_ner(reference, ROWS, prepared.labels, label_to_id)
+    assert reference.convert_ids_to_tokens(ids[0])[0] == "ĠEU"
+    assert [ex["input_ids"] for ex in prepared.train] == ids
+    assert [ex["labels"] for ex in prepared.train] == labels
+    assert tok.backend_tokenizer.pre_tokenizer.add_prefix_space is False  # (the run's tokenizer left as it was)

@@ -24,19 +24,49 @@ def _bio_labels(tags: list) -> list[str]:
     return names + sorted(seen - set(names))
 
 
-def _model_tags(cfg: RunConfig) -> list[str] | None:
-    """The base model's own tags in its head's order (config.json's id2label), None where it names none
-    (transformers' LABEL_0, LABEL_1, ...) or its config does not load (the model loader names the problem)."""
+def _base_config(cfg: RunConfig):
+    """The base model's config; None where it does not load (the model loader names the problem)."""
     from transformers import AutoConfig
 
     from .embedded import resolve  # (models.resolve_path; models imports caption, which imports the stage table)
 
     try:
-        config = AutoConfig.from_pretrained(
+        return AutoConfig.from_pretrained(
             resolve(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
         )
     except (OSError, ValueError, ConfigError):  # (an embedded model not installed: its loader says so)
         return None
+
+
+# run_ner loads these models' tokenizers with add_prefix_space=True (their byte-level BPE then reads each word as
+# it reads it after a space, the first word too)
+PREFIX_SPACE_TYPES = ("bloom", "gpt2", "roberta", "deberta")
+
+
+def _prefix_space(tok, config):
+    """``tok`` as run_ner loads it for ``config``'s model: for a model type of ``PREFIX_SPACE_TYPES``, a copy whose
+    byte-level pre-tokenizer adds the prefix space (what ``add_prefix_space=True`` sets in RoBERTa's and GPT-2's
+    tokenizers); before, the first word of every row was encoded without it ("EU" where run_ner has "ĠEU")."""
+    import copy
+
+    from tokenizers import pre_tokenizers
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    if getattr(config, "model_type", None) not in PREFIX_SPACE_TYPES or not isinstance(pre, pre_tokenizers.ByteLevel):
+        return tok
+    if pre.add_prefix_space:
+        return tok
+    tok = copy.deepcopy(tok)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(
+        add_prefix_space=True, trim_offsets=pre.trim_offsets, use_regex=pre.use_regex
+    )
+    return tok
+
+
+def _model_tags(config) -> list[str] | None:
+    """The base model's own tags in its head's order (config.json's id2label), None where it names none
+    (transformers' LABEL_0, LABEL_1, ...) or has no config."""
     id2label = getattr(config, "id2label", None) or {}
     if sorted(id2label) != list(range(len(id2label))):
         return None
@@ -72,6 +102,8 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
         )
     train_rows, eval_rows = _rows(cfg)
     d = cfg.data
+    base = _base_config(cfg)
+    tok = _prefix_space(tok, base)
     _refuse_bool_tags([*train_rows, *(eval_rows or [])], d.tags_column)
     if d.labels:
         at = next((i for i, x in enumerate(d.labels) if not isinstance(x, str) or not x), None)
@@ -93,7 +125,7 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
         names = _bio_labels(tags)
         # run_ner: a base whose head was trained on these tags (its id2label names them all) keeps its order, so its
         # trained head scores each tag as it learned it (in deltatune's order its class ids were another tag's)
-        own = _model_tags(cfg)
+        own = _model_tags(base)
         if own and len(set(own)) == len(own) and set(own) in (set(names), {str(t) for t in tags}):
             names = own
     if len(names) < 2:  # one class: the loss is 0 from the start, and the run would report success
