@@ -66,3 +66,23 @@ def test_a_parquet_files_class_label_names_are_the_classes_as_datasets_reads_the
     p = prepare_image_cls(cfg, processor=None)
     assert p.labels == ref.features["label"].names == ["cat", "dog", "eel"]
     assert p.train.labels == [0, 2, 0, 2] and p.eval.labels == [1, 0, 2, 1]  # the stored ids, as datasets keeps them
+
+
+def test_an_image_folders_images_are_those_datasets_imagefolder_reads(tmp_path):
+    """A class folder's .jfif / .jpe (JPEG, Windows' and the web's saves), .pbm / .pnm, .tga, .ico and .apng images:
+    datasets' imagefolder reads them, the stage skipped them without a word (its list was torchvision's)."""
+    datasets = pytest.importorskip("datasets")
+    formats = {".png": "PNG", ".jfif": "JPEG", ".jpe": "JPEG", ".pnm": "PPM", ".tga": "TGA", ".ico": "ICO"}
+    for c, ext in [("a", ".png"), ("a", ".jfif"), ("a", ".jpe"), ("b", ".png"), ("b", ".pnm"), ("b", ".tga")]:
+        (tmp_path / "d" / c).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (9, 99, 9)).save(tmp_path / "d" / c / f"x{ext}", formats[ext])
+    Image.new("1", (8, 8)).save(tmp_path / "d" / "b" / "y.pbm", "PPM")
+    Image.new("RGB", (16, 16)).save(tmp_path / "d" / "b" / "z.ico", "ICO")
+    (tmp_path / "d" / "b" / "notes.txt").write_text("not an image")
+    ds = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "d"), split="train")
+    ds = ds.cast_column("image", datasets.Image(decode=False))
+    names = ds.features["label"].names
+    want = sorted((e["image"]["path"], names[e["label"]]) for e in ds)
+    rows = I.read_image_rows(str(tmp_path / "d"))
+    assert sorted((r.path, r.label) for r in rows) == want and len(want) == 8
+    assert I.check(rows) == {"1": 1}  # each one opens (the .pbm is bilevel)

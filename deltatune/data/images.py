@@ -37,7 +37,16 @@ import torch
 
 from .load import DataError, read_rows
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (
+    ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif", ".jpe", ".pbm", ".pnm",
+    ".tga", ".ico", ".apng", ".dib", ".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx", ".pcx", ".sgi", ".rgb", ".rgba",
+    ".bw", ".xbm", ".xpm", ".icns", ".dds", ".psd", ".im", ".msp", ".ras", ".blp", ".cur", ".dcx", ".fli", ".flc",
+    ".ftc", ".ftu", ".gbr", ".icb", ".iim", ".pcd", ".pxr", ".vda", ".vst", ".fit", ".fits",
+)  # fmt: skip
+"""The files an image folder's images are: datasets' imagefolder's (``ImageFolder.EXTENSIONS``, PIL's readers; the
+first ten torchvision's and .gif) but for those PIL cannot decode by itself (video .mpg / .mpeg, PostScript .eps /
+.ps, Windows metafiles .wmf / .emf, GRIB / BUFR), which datasets fails on when it decodes them."""
+SHOWN_EXTENSIONS = ", ".join(IMAGE_EXTENSIONS[:10]) + ", ..."
 AUGMENTATIONS = ("random_resized_crop", "hflip")
 
 
@@ -237,12 +246,12 @@ def _folder(root: str, limit: int | None) -> list[ImageRow]:
         # hidden files are skipped as class folders are (macOS's "._x.png" beside each image is no image)
         per_class.append([ImageRow(path, name, path) for path in _images_under(folder)])
     if not any(per_class):
-        raise DataError(f"image folder {root!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"image folder {root!r} holds no images ({SHOWN_EXTENSIONS})")
     empty = [name for name, rows in zip(classes, per_class) if not rows]
     if empty:  # as torchvision's ImageFolder: a class without images would silently leave the head
         raise DataError(
             f"image folder {root!r}: class folder(s) {', '.join(map(repr, empty))} hold no images "
-            f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
+            f"({SHOWN_EXTENSIONS}); add images or remove the folder"
         )
     if limit:
         # round robin over the classes, so that a limit keeps every class (a sorted listing would cut the last ones)
