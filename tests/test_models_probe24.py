@@ -146,6 +146,26 @@ def test_sharded_safetensors_load_as_transformers_and_a_missing_shard_is_named(f
     _one_line(exc, shards[1])
 
 
+@pytest.mark.parametrize(
+    "index, words",
+    [
+        ({"metadata": {}}, ("'weight_map'",)),
+        ({"metadata": {}, "weight_map": []}, ("'weight_map'", "list")),
+        ({"weight_map": "KEEP"}, ("'metadata'",)),
+    ],
+)
+def test_a_shard_index_transformers_cannot_read_is_one_line(folder, tmp_path, index, words):
+    transformers.AutoModelForCausalLM.from_pretrained(folder).save_pretrained(tmp_path, max_shard_size="200KB")
+    file = tmp_path / "model.safetensors.index.json"
+    kept = json.loads(file.read_text())["weight_map"]
+    file.write_text(json.dumps({k: kept if v == "KEEP" else v for k, v in index.items()}))
+    with pytest.raises((KeyError, AttributeError)):  # transformers' get_checkpoint_shard_files: index["metadata"]
+        transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    with pytest.raises(ConfigError) as exc:
+        load_model(str(tmp_path), "CAUSAL_LM")
+    _one_line(exc, "model.safetensors.index.json", *words)
+
+
 def test_a_config_value_of_the_wrong_type_is_one_line(folder, tmp_path):
     for name in os.listdir(folder):
         shutil.copy(os.path.join(folder, name), tmp_path / name)

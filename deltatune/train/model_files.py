@@ -1,7 +1,7 @@
 """What a local model folder's files say, read without loading a model: which weights file and shard index
 transformers reads, one key of a JSON file, the weights file that does not open, a config.json field of the wrong
-type, whether a JSON file reads as an object, which file names a folder's own image processor code. Split from
-models.py (sessions 57, 59), which neared its line limit."""
+type or a shard index without its weight_map, whether a JSON file reads as an object, which file names a folder's
+own image processor code. Split from models.py (sessions 57, 59), which neared its line limit."""
 
 from __future__ import annotations
 
@@ -125,4 +125,31 @@ def own_image_processor(path: str) -> str | None:
         auto_map = json_value(os.path.join(path, file), "auto_map")
         if isinstance(auto_map, dict) and any(name in auto_map for name in names):
             return file if file != "config.json" else "its config.json"
+    return None
+
+
+def index_problem(file: str) -> str | None:
+    """What is wrong with a shard index (a JSON object) that transformers' shard reader (get_checkpoint_shard_files)
+    fails on with a KeyError or AttributeError from deep inside: no "weight_map" object (tensor name -> shard file),
+    no "metadata" object; None when both are there."""
+    for key in ("weight_map", "metadata"):
+        value = json_value(file, key)
+        if not isinstance(value, dict):
+            got = "has none" if value is None else f"is a {type(value).__name__}"
+            return f"needs a {key!r} object, as transformers writes it, and {got}"
+    return None
+
+
+def folder_problem(path: str) -> tuple[str, str] | None:
+    """(file, what is wrong) for the model folder ``path``'s config.json or shard index where transformers fails
+    deep inside: not JSON or not an object (``json_problem``), a config value of the wrong type (``config_problem``),
+    an index without its weight_map or metadata (``index_problem``); None when they read."""
+    index = read_index(path)
+    for file in filter(None, ("config.json", index)):
+        if problem := json_problem(os.path.join(path, file)):
+            return file, problem
+    if problem := config_problem(path):
+        return "config.json", problem
+    if index and (problem := index_problem(os.path.join(path, index))):
+        return index, problem
     return None

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 
 from ..config import ConfigError
 from . import embedded
-from .model_files import broken_weights, config_problem, json_problem, json_value, no_vocabulary, read_index
+from .model_files import broken_weights, config_problem, folder_problem, json_problem, json_value, no_vocabulary
 from .table import IMAGE_STAGES
 
 HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "IMAGE_CLS")
@@ -426,11 +426,8 @@ def check_model_folder(name_or_path: str, path: str) -> None:
     if not os.path.isdir(path):
         return
     if os.path.isfile(os.path.join(path, "config.json")):
-        for file in filter(None, ("config.json", read_index(path))):
-            if problem := json_problem(os.path.join(path, file)):
-                raise ConfigError(f"model {name_or_path!r}: {file} {problem}")
-        if problem := config_problem(path):
-            raise ConfigError(f"model {name_or_path!r}: config.json {problem}")
+        if found := folder_problem(path):  # (config.json's or its shard index's)
+            raise ConfigError(f"model {name_or_path!r}: {found[0]} {found[1]}")
         return
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         base = json_value(os.path.join(path, "adapter_config.json"), "base_model_name_or_path")
