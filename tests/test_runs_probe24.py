@@ -6,6 +6,7 @@ folder begun before (no ``alpaca_system`` mark) resumes, evaluates and serves wi
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import yaml
@@ -149,3 +150,73 @@ def test_an_old_alpaca_run_resumed_under_another_template_is_a_change(tmp_path):
     assert recipe_changes(old, chatml) == ["data.template: 'alpaca_v0' -> 'chatml'"]
     bnpo = {**recipe, "stage": "grpo", "align": {"loss_type": "bnpo", "mini_batch_size": 1}}  # (read as it trained)
     assert old_run_data(bnpo, str(out))[0]["data"]["template"] == "alpaca_v0"
+
+
+# -- a run folder after a kill ---------------------------------------------------------------------------------
+
+
+def _killed_overwrite(run, started: bool) -> None:
+    """The folder as a run killed during ``--overwrite`` (kill -9, the kernel's OOM killer) leaves it: its lock
+    (naming its pid, now dead), the old run moved aside and the new folder begun (its run.yaml; a checkpoint too
+    where ``started``), no ``failed()`` run."""
+    import socket
+    import subprocess
+
+    from deltatune.train.runfolder import Replacement
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    r = Replacement(str(run), True)
+    r.begin()
+    (run / "run.yaml").write_text("stage: sft\n")
+    if started:
+        (run / "checkpoint-1").mkdir()
+    lock = run.parent / f".{run.name}.lock"
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": 0}))
+
+
+def _old_run(run) -> dict[str, bytes]:
+    (run / "checkpoint-4").mkdir(parents=True)
+    files = {"run.yaml": b"stage: sft\ntrain: {lr: 0.1}\n", "checkpoint-4/adapter_model.safetensors": b"weights"}
+    for name, data in files.items():
+        (run / name).write_bytes(data)
+    return files
+
+
+def test_an_overwrite_killed_before_its_first_step_gets_the_old_run_back_under_the_next_lock(tmp_path):
+    """``--overwrite`` promises the old run back where the new one fails before its first step (``Replacement``'s
+    ``failed()``), which runs on an exception, not on a kill: the old run stayed hidden beside the folder
+    (``.run.replaced-<pid>``) while the folder held the new run's start, which ``--resume`` refused (no checkpoint)
+    and a second ``--overwrite`` deleted, the old run left hidden for good. Now the next command that takes the
+    folder's lock puts it back: its last checkpoint is checkpoint-4 again (transformers' get_last_checkpoint)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from deltatune.train.runfolder import RunLock
+
+    run = tmp_path / "run"
+    files = _old_run(run)
+    _killed_overwrite(run, started=False)
+    aside = tmp_path / f".run.replaced-{os.getpid()}"
+    assert aside.is_dir() and not (run / "checkpoint-4").exists()
+    lock = RunLock(str(run)).acquire()  # (the dead run's lock is stale: taken over)
+    lock.release()
+    assert {n: (run / n).read_bytes() for n in files} == files
+    assert not aside.exists()
+    assert get_last_checkpoint(str(run)) == str(run / "checkpoint-4")
+
+
+def test_an_overwrite_killed_after_its_first_checkpoint_keeps_the_new_run(tmp_path):
+    """Once the new run wrote a checkpoint it had started (``failed()`` keeps it then): the folder stays the new
+    run's, its checkpoint the last (get_last_checkpoint); the old run is not put over it."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from deltatune.train.runfolder import RunLock
+
+    run = tmp_path / "run"
+    _old_run(run)
+    _killed_overwrite(run, started=True)
+    lock = RunLock(str(run)).acquire()
+    lock.release()
+    assert (run / "run.yaml").read_text() == "stage: sft\n"
+    assert get_last_checkpoint(str(run)) == str(run / "checkpoint-1")
+    assert (tmp_path / f".run.replaced-{os.getpid()}").is_dir()  # (left as it was: the user's to delete)

@@ -8,7 +8,7 @@ resumed only when that is what the user meant, and folders published whole (stag
   deletes it once the new run has made its first step; if the new run fails before that, the old one is put back.
 - ``resume_checkpoint`` / ``recipe_changes``: the ``--resume`` rules (a finished run is not resumed; a changed
   recipe is refused with its differences; an unreadable newest checkpoint falls back to the newest readable one).
-- ``staging_folder`` / ``publish_folder``: write a folder next to its destination and rename it into place.
+- ``staging_folder`` / ``publish_folder`` (staging.py): write a folder next to its destination and rename it in.
 """
 
 from __future__ import annotations
@@ -18,25 +18,19 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 import zipfile
-from collections.abc import Iterator
 from typing import Any
 
 from ..config import ConfigError
 from ..files import process_alive as _alive
 from .runs import MARKS_FILE as MARKS  # noqa: F401  (run_load; the marks are runs.py's)
 from .runs import OLD_ALPACA, mark_run, trained_template  # noqa: F401  (run)
+from .staging import _sibling, check_apart, publish_folder, staging_folder  # noqa: F401  (run, cli)
 
 FINISHED_FILE = "metrics.json"  # written last by a run that completed
 STOPPED_FILE = "stopped.json"  # why a run ended early (train's); the board's STOPPED_FILE
-
-
-def _sibling(folder: str, tag: str) -> str:
-    """A hidden path beside ``folder``: ``<parent>/.<name>.<tag>`` (outside it, so moving the folder keeps it)."""
-    folder = os.path.realpath(folder)  # one lock for a folder, whatever symlink names it
-    parent, name = os.path.split(folder.rstrip(os.sep))
-    return os.path.join(parent, f".{name}.{tag}")
 
 
 class RunLock:
@@ -79,6 +73,7 @@ class RunLock:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(me)
             self.held = True
+            _put_back(self.folder)
             return self
         raise ConfigError(f"output.dir {self.folder!r} is locked by {self.path} and the lock could not be taken")
 
@@ -151,6 +146,21 @@ class RunLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def _put_back(folder: str) -> None:
+    """Under ``folder``'s lock: the old run an ``--overwrite`` killed before its first step (kill -9, the OOM killer:
+    no ``Replacement.failed()`` ran) left aside (``.<name>.replaced-<pid>``, the one there) put back in place of
+    the new run's start (no checkpoint written), as ``failed()`` would have; a note says so."""
+    parent, name = os.path.split(_sibling(folder, "replaced-"))
+    aside = [n for n in os.listdir(parent) if n.startswith(name) and n[len(name) :].isdecimal()]
+    if len(aside) != 1 or _has_checkpoint(folder) or os.path.isfile(os.path.join(folder, FINISHED_FILE)):
+        return
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.rename(os.path.join(parent, aside[0]), folder)
+    print(f"deltatune: note: {folder!r} holds again the run an --overwrite killed before its first step had "
+          f"moved aside ({aside[0]})", file=sys.stderr)  # fmt: skip
 
 
 def check_output_path(folder: str) -> None:
@@ -530,65 +540,3 @@ def _same_path(key: str, old: Any, new: Any) -> bool:
     """A run.yaml written before local paths were kept absolute has them as typed (relative to the folder the run
     was started in, which a resume is started in too)."""
     return key in LOCAL_PATHS and isinstance(old, str) and isinstance(new, str) and os.path.abspath(old) == new
-
-
-# -- staging -----------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def staging_folder(out: str, overwrite: bool) -> Iterator[str]:
-    """A fresh hidden folder beside ``out`` to write into; removed whatever happens, unless published.
-
-    Raises:
-        ConfigError: ``out`` is a file, or a folder holding files and ``overwrite`` is not set.
-    """
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"--out {out!r} is a file, not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise ConfigError(f"--out {out!r} already holds files; pass --overwrite to replace them, or choose another")
-    staging = _sibling(out, f"staging-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        os.makedirs(staging)
-    except OSError as exc:  # --out under a file, a read-only folder: named as typed, not the hidden folder beside
-        raise ConfigError(f"--out {out!r} cannot be created: {exc.strerror}") from None
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def check_apart(out: str, reads: dict[str, str | None], name: str = "--out") -> None:
-    """Refuse an output folder that is, or holds, a file or folder the command reads (``reads``: what it is ->
-    path): replacing the folder, as ``--overwrite`` does, would delete it. ``name``: the output's key or flag.
-
-    Raises:
-        ConfigError: naming the output, what it would delete, and its path; or that it is empty.
-    """
-    if not str(out).strip():  # ('' is the working folder to realpath: "holds the adapter's folder" misled)
-        raise ConfigError(f"{name} is empty; give the folder to write")
-    mine = os.path.realpath(out)
-    for what, path in reads.items():
-        if not path or not os.path.exists(path):
-            continue
-        theirs = os.path.realpath(path)
-        if theirs == mine or os.path.commonpath([mine, theirs]) == mine:
-            how = "is" if theirs == mine else "holds"
-            raise ConfigError(
-                f"{name} {out!r} {how} {what} {path!r}, which this command reads (--overwrite would delete it); "
-                "choose another folder"
-            )
-
-
-def publish_folder(staging: str, out: str) -> None:
-    """Move the finished ``staging`` folder to ``out``, replacing what ``out`` held only at this moment."""
-    aside = _sibling(out, f"old-{os.getpid()}")
-    if os.path.isdir(out):
-        os.rename(out, aside)
-    try:
-        os.rename(staging, out)
-    except BaseException:
-        if os.path.isdir(aside):
-            os.rename(aside, out)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
