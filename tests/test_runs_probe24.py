@@ -220,3 +220,18 @@ def test_an_overwrite_killed_after_its_first_checkpoint_keeps_the_new_run(tmp_pa
     assert (run / "run.yaml").read_text() == "stage: sft\n"
     assert get_last_checkpoint(str(run)) == str(run / "checkpoint-1")
     assert (tmp_path / f".run.replaced-{os.getpid()}").is_dir()  # (left as it was: the user's to delete)
+
+
+def test_an_output_dir_linking_to_nothing_is_refused_before_anything_loads(tmp_path):
+    """A dangling link passed ``check_output_path`` (os.path.exists reads it as nothing there), and the run failed
+    after loading the model and data, where ``Replacement.begin`` made the folder: FileExistsError, a traceback (as
+    transformers' own os.makedirs(output_dir) raises it). Now one line naming the link and its target."""
+    from deltatune.config import ConfigError
+    from deltatune.train.runfolder import check_output_path
+
+    out = tmp_path / "out"
+    out.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=r"^output\.dir '.*out' is a link to '.*nowhere', which does not exist"):
+        check_output_path(str(out))
+    (tmp_path / "nowhere").mkdir()
+    check_output_path(str(out))  # (a link to a folder is a folder)

@@ -167,6 +167,11 @@ def check_output_path(folder: str) -> None:
     """``output.dir`` must be a folder (or not exist yet); a file there is named instead of a traceback later."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ConfigError(f"output.dir {folder!r} is a file, not a folder; choose another output.dir")
+    if os.path.islink(folder) and not os.path.exists(folder):  # (the run made no folder there: after every load)
+        raise ConfigError(
+            f"output.dir {folder!r} is a link to {os.readlink(folder)!r}, which does not exist; create that folder "
+            "or choose another output.dir"
+        )
     parent = os.path.dirname(os.path.abspath(folder))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
