@@ -25,6 +25,7 @@ LEVELS = {
     "loss": 1,
     "calls": 1.5,
     "heads_rule": 1.6,
+    "saves": 1.9,
     "targets": 2,
     "files": 2,
     "load_options": 2.1,
