@@ -503,6 +503,11 @@ def resolve_targets(model: nn.Module, config: Any, table: dict[str, list[str]], 
             raise ConfigError(
                 f"{method}: exclude_modules={exclude!r} excludes every module that target_modules={targets!r} matches"
             )
+    if saved := getattr(config, "modules_to_save", None):  # trained in full: never a target (peft's rule and refusal)
+        names = [n for n in names if not any(re.match(rf"(^|.*\.){m}($|\..*)", n) for m in saved)]
+        if not names:
+            raise ConfigError(f"{method}: every module target_modules={targets!r} matches is in modules_to_save="
+                              f"{saved!r} (trained in full, as in peft): nothing is left to adapt")  # fmt: skip
     # A regex narrowed by layers_to_transform is saved as the names it adapts: peft refuses the pair in its config,
     # so the file would not load there
     resolved = targets == "all-linear" or (isinstance(targets, str) and layers not in (None, []))

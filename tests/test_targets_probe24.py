@@ -71,3 +71,34 @@ def test_a_target_naming_the_router_is_refused_as_peft_s_target_parameters(famil
         ConfigError, match=rf"reaches model\.layers\.0\.mlp\.{router}, the router .*target_parameters.*: \['q_proj'\]"
     ):
         dt.get_delta_model(base, dt.LoraConfig(r=2, target_modules=[router, "q_proj"]))
+
+
+def _llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    sizes = {k: v for k, v in _SIZES.items() if k not in ("num_local_experts", "num_experts_per_tok")}
+    return T.LlamaForCausalLM(T.LlamaConfig(**sizes)).eval()
+
+
+def test_ia3_leaves_a_module_in_modules_to_save_out_of_its_targets_as_peft():
+    """peft never adapts a module it trains in full (check_target_module_exists: modules_to_save excludes it); IA3
+    with target_modules=['q_proj', 'k_proj'] and modules_to_save=['q_proj'] scales k_proj and copies q_proj there.
+    deltatune refused it ("q_proj is already adapted by ModulesToSave; IA3 cannot wrap it")."""
+    base = _llama()
+    kw = dict(target_modules=["q_proj", "k_proj"], feedforward_modules=[], modules_to_save=["q_proj"])
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**kw))
+    ours = dt.get_delta_model(copy.deepcopy(base), dt.IA3Config(**kw))
+    names = {n.removeprefix("base_model.model.") for n, p in theirs.named_parameters() if p.requires_grad}
+    assert {n.removeprefix("base_model.") for n, p in ours.named_parameters() if p.requires_grad} == names
+    assert any(".k_proj.ia3_l." in n for n in names) and any(".q_proj.modules_to_save." in n for n in names)
+
+
+@pytest.mark.parametrize("config", [dt.LoraConfig, dt.IA3Config])
+def test_targets_that_are_all_in_modules_to_save_are_refused_as_peft(config):
+    """peft refuses an adapter whose every target is in modules_to_save (NoMatchingPeftModuleError: no modules were
+    targeted), and so refuses to load such a file; deltatune's LoRA saved one (full copies of q_proj, no LoRA layer)
+    that peft could not load, and its IA3 refused naming ModulesToSave as an adapter."""
+    kw = dict(target_modules=["q_proj"], modules_to_save=["q_proj"])
+    with pytest.raises(peft.utils.error.NoMatchingPeftModuleError):
+        peft.get_peft_model(_llama(), peft.LoraConfig(**kw))
+    with pytest.raises(ConfigError, match=r"every module target_modules=\['q_proj'\] matches is in modules_to_save"):
+        dt.get_delta_model(_llama(), config(**kw, **({"feedforward_modules": []} if config is dt.IA3Config else {})))
