@@ -28,9 +28,10 @@ from torch import nn
 
 from .. import targets as targets_module
 from ..config import ConfigError, DeltaConfig, check_regex
-from ..layer import DeltaLayer, ModulesToSave, linear_shape, set_submodule
+from ..layer import DeltaLayer, ModulesToSave, NotMergeable, linear_shape, set_submodule
 from ..targets import IA3_FEEDFORWARD, IA3_TARGETS, model_type, resolve_targets
 from ._base_kept import refuse_beside_residual
+from .quant import _is_bnb_4bit, is_quantized
 
 
 @dataclass
@@ -75,12 +76,26 @@ def _is_feedforward(name: str, feedforward: list[str] | str) -> bool:
     return any(name.endswith(key) for key in feedforward)
 
 
+def check_quantized_merge(layer: IA3Layer, name: str) -> None:
+    """NotMergeable, before any weight is written, where the base is a bitsandbytes layer transformers loaded in 4 or
+    8 bits (no ``dequantize()``): peft refuses to merge (IA)^3 there ("Cannot merge ia3 layers when the model is
+    loaded in 8-bit mode"); ``merge_quantized`` dequantises such a model and merges it."""
+    base = layer.base_layer
+    if is_quantized(base) and not callable(getattr(base, "dequantize", None)):
+        bits = "4-bit" if _is_bnb_4bit(base) else "8-bit"
+        raise NotMergeable(f"(IA)^3 adapter {name!r} is on a bitsandbytes {bits} {type(base).__name__} "
+                           f"({layer.in_features} -> {layer.out_features}): peft refuses it too ('Cannot merge ia3 "
+                           f"layers when the model is loaded in {bits} mode'); deltatune.merge_quantized dequantises "
+                           "the model and merges it")  # fmt: skip
+
+
 class IA3Layer(DeltaLayer):
     """(IA)^3 around an ``nn.Linear`` or GPT-2 ``Conv1D`` (vectors ``ia3_l`` of shape (d_out, 1) or, feed-forward,
     (1, d_in)), or an ``nn.Conv2d`` / ``nn.Conv3d`` (shape (1, C, 1, 1[, 1]), channels as peft lays them out)."""
 
     adapter_attrs = ("ia3_l",)
     supports_row_adapters = True
+    merge_checks = (check_quantized_merge,)  # peft refuses a bitsandbytes base
 
     def __init__(self, base_layer: nn.Module, is_feedforward: bool, fan_in_fan_out: bool) -> None:
         super().__init__(base_layer)
@@ -130,6 +145,7 @@ class IA3Layer(DeltaLayer):
         return l_.reshape(groups, 1, per_in, *tail).expand(groups, per_out, per_in, *tail).reshape(-1, per_in, *tail)
 
     def _merge_weights(self, name: str) -> None:
+        self._dequantize_base()  # merge_quantized's 4-bit layer (a bnb one adopted): dequantised, as LoRA's
         base = self.base_layer
         base.weight.mul_(self._factor(name))  # an fp32 l on a bf16 W: the product rounded once, as peft
         if not self.is_feedforward and getattr(base, "bias", None) is not None:

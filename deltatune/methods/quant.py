@@ -177,8 +177,7 @@ class Linear4bit(nn.Module):
         quant_storage: torch.dtype = torch.uint8,
     ) -> None:
         super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
+        self.in_features, self.out_features = in_features, out_features
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.weight.requires_grad_(False)
         self.bias = bias
@@ -253,13 +252,14 @@ class Linear4bit(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """The ``nn.Linear`` this layer stands for, its weight in ``dtype`` (default: the compute dtype): a
         ``DequantizedLinear``, which computes as this layer did (in W's dtype, returning the input's), and ``unpack()``
-        gives the plain layer: an ``nn.Linear``, or for a layer made from a GPT-2 ``Conv1D`` the ``Conv1D`` again.
-        """
+        gives the plain layer: an ``nn.Linear``, or for a layer made from a GPT-2 ``Conv1D`` the ``Conv1D`` again;
+        its ``quant_settings`` (``from_linear``'s arguments) let ``merge_quantized`` quantise it again alike."""
         weight = self.dequantized_weight(dtype)
         plain = (_DequantizedConv1D if self.conv1d else DequantizedLinear)(
             self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=weight.dtype
         )
         plain.weight = nn.Parameter(weight, requires_grad=False)
+        plain.quant_settings = (self.compute_dtype, self.backend, self.double_quant, self.quant_type, self.quant_storage)  # fmt: skip
         if self.bias is not None:
             plain.bias = nn.Parameter(self.bias.detach().to(weight.dtype), requires_grad=self.bias.requires_grad)
         return plain

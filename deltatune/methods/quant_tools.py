@@ -13,6 +13,7 @@ from torch import nn
 from ..config import ConfigError
 from ..layer import DeltaLayer, DequantizedLinear, enable_checkpointing, set_submodule
 from ..targets import HEAD_NAMES
+from . import quant
 from ._quant_merge import MergeReport, _logits, dora_dtypes, reference_logits, requantized
 from ._quant_skip import check_skip, kept_fp32, skipped
 from ._quant_steps import stepwise
@@ -327,9 +328,16 @@ def merge_quantized(
     for name, layer in (plain8 := {n: _dequantize_8bit(m) for n, m in eight}).items():
         set_submodule(base, name, layer)
     four = list(_quantized_layers(base))
-    adapted = {n.removesuffix(".base_layer") for n, _ in four if n.endswith(".base_layer")}
+    # 4-bit layers merge_adapter() dequantised for good (quant.Linear4bit.dequantize): requantised with the rest
+    held = [(n, m) for n, m in base.named_modules() if n.endswith(".base_layer") and hasattr(m, "quant_settings")]
+    adapted = {n.removesuffix(".base_layer") for n, _ in four + held if n.endswith(".base_layer")}
     settings = {n: (m.compute_dtype, m.backend, m.double_quant, m.quant_type, m.quant_storage) for n, m in four}
-    conv1d = {n.removesuffix(".base_layer") for n, m in four if m.conv1d}
+    settings |= {n: m.quant_settings for n, m in held}
+    conv1d = {
+        n.removesuffix(".base_layer")
+        for n, m in four + held
+        if getattr(m, "conv1d", type(m) is quant._DequantizedConv1D)
+    }
     dora = dora_dtypes(base, four, adapter_names or list(model.active_adapters)) if requantize else {}
     try:  # with requantize, merged in fp32 and quantised after each adapter, as peft's (_quant_steps.py)
         steps8 = {n: (plain8[n], m.weight.has_fp16_weights) for n, m in eight} if requantize else {}

@@ -1,0 +1,204 @@
+"""QLoRA probe 24: merge_adapter / merge_and_unload on a tiny Llama transformers loaded with BitsAndBytesConfig in
+4 bits (nf4 double quant, fp4) or 8 bits, against peft 0.21.2 / 0.22.0's bitsandbytes LoRA merge (peft/tuners/lora/
+bnb.py: W dequantised, s B A added, quantised again in place with W's settings) and IA3's refusal (peft/tuners/ia3/
+model.py). The LoRA merge goes through methods/_quant_inplace.py, which LoRA's ``_merge_weights`` calls once the
+_lora_conv.py diff of the session-59 quant report is in: until then those tests are xfail(strict)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from methods.test_quant import BACKENDS
+from tiny import tiny_inputs, tiny_model
+
+import deltatune as dt
+from deltatune.methods import _lora_conv
+
+if "bitsandbytes" not in BACKENDS:
+    pytest.skip("bitsandbytes does not run on this CPU", allow_module_level=True)
+
+peft = pytest.importorskip("peft")
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+KINDS = ["8bit", "nf4", "fp4"]
+wired = pytest.mark.xfail(
+    not hasattr(_lora_conv, "requantized_after"), strict=True, reason="needs the _lora_conv.py diff (quant report 24)"
+)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("quant24") / "base"
+    torch.manual_seed(0)
+    tiny_model("llama", hidden_size=64, intermediate_size=128).save_pretrained(path)
+    return path
+
+
+def _load(path, kind):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = {
+        "8bit": BitsAndBytesConfig(load_in_8bit=True),
+        "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+        "fp4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
+    }[kind]
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
+
+
+def _pair(path, kind, **extra):
+    """peft's and deltatune's LoRA (random B, the same tensors) on two copies of the base, in eval mode."""
+    torch.manual_seed(1)
+    kw = dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, **extra)
+    theirs = peft.get_peft_model(_load(path, kind), peft.LoraConfig(**kw))
+    ours = dt.get_delta_model(_load(path, kind), dt.LoraConfig(**kw))
+    for name, layer in ours.get_base_model().named_modules():
+        if hasattr(layer, "lora_A"):
+            other = theirs.get_base_model().get_submodule(name)
+            for ab in ("lora_A", "lora_B"):
+                getattr(layer, ab)["default"].load_state_dict(getattr(other, ab)["default"].state_dict())
+    return theirs.eval(), ours.eval()
+
+
+def _logits(model, inputs):
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model(**inputs).logits
+
+
+# -- carried fault: merge_adapter on transformers' bnb 4/8-bit layers was a TypeError ("cannot merge into
+# Linear8bitLt, whose weight is stored as torch.int8"); peft quantises W + s B A again in place ------------------------
+@wired
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_adapter_on_a_bnb_base_equals_peft_and_unmerge_restores(saved, kind):
+    theirs, ours = _pair(saved, kind)
+    inputs = tiny_inputs("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.merge_adapter()  # (before any forward: a CPU with AVX512-BF16 repacks a 4-bit W at the first one,
+        ours.merge_adapter()  # and peft's merge reads a repacked W as if it were not: see test_merge_after_a_forward)
+    merged = _logits(theirs, inputs)
+    assert torch.equal(_logits(ours, inputs), merged)
+    for name, layer in ours.get_base_model().named_modules():
+        if hasattr(layer, "lora_A"):
+            other = theirs.get_base_model().get_submodule(name)
+            assert type(layer.base_layer) is type(other.base_layer), name  # still a bitsandbytes layer
+            assert type(layer.base_layer.weight) is type(other.base_layer.weight), name
+    got = {s.name: s.module_type for s in ours.get_layer_status()}
+    assert got == {s.name: s.module_type for s in theirs.get_layer_status()}
+    ours.unmerge_adapter()
+    theirs2, _ = _pair(saved, kind)
+    unmerged = _logits(theirs2, inputs)  # the adapter model, never merged
+    tolerance = (merged - unmerged).abs().max().item()  # what peft's own merge moves the logits by (its rounding)
+    assert 0 < (_logits(ours, inputs) - unmerged).abs().max().item() <= 2 * tolerance
+
+
+@wired
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_and_unload_on_a_bnb_base_saves_a_folder_transformers_loads_back(saved, kind, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    theirs, ours = _pair(saved, kind)
+    inputs = tiny_inputs("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference, plain = theirs.merge_and_unload(), ours.merge_and_unload()
+    assert not any(hasattr(m, "lora_A") for m in plain.modules())
+    assert torch.equal(_logits(plain, inputs), _logits(reference, inputs))
+    for model, folder in ((plain, tmp_path / "ours"), (reference, tmp_path / "peft")):
+        model.save_pretrained(folder)
+    back, peft_back = (AutoModelForCausalLM.from_pretrained(f, device_map="cpu").eval() for f in (tmp_path / "ours",
+                                                                                                   tmp_path / "peft"))  # fmt: skip
+    q = back.model.layers[0].self_attn.q_proj
+    assert type(q) is type(plain.model.layers[0].self_attn.q_proj)  # loaded back quantised, as saved
+    assert torch.equal(_logits(back, inputs), _logits(peft_back, inputs))
+    assert torch.equal(_logits(back, inputs), _logits(plain, inputs))
+
+
+@wired
+@pytest.mark.parametrize("kind", ["8bit", "nf4"])
+def test_safe_merge_on_a_bnb_base_merges_once(saved, kind):
+    """safe_merge's check tries the merge and puts the layer back: the merge itself then runs once, not twice."""
+    theirs, ours = _pair(saved, kind)
+    inputs = tiny_inputs("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.merge_adapter(safe_merge=True)
+        ours.merge_adapter(safe_merge=True)
+    assert torch.equal(_logits(ours, inputs), _logits(theirs, inputs))
+
+
+@wired
+@pytest.mark.parametrize("kind", ["8bit", "nf4"])
+def test_a_nan_adapter_refused_by_safe_merge_leaves_the_bnb_layers(saved, kind):
+    _, ours = _pair(saved, kind)
+    inputs = tiny_inputs("llama")
+    before = _logits(ours, inputs)
+    layer = ours.get_base_model().model.layers[1].mlp.down_proj
+    base = layer.base_layer
+    with torch.no_grad():
+        layer.lora_B["default"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter default seems to be"):
+        ours.merge_adapter(safe_merge=True)
+    assert layer.base_layer is base and not layer.merged_adapters
+    with torch.no_grad():
+        layer.lora_B["default"].weight[0, 0] = 0.0
+    assert (_logits(ours, inputs) - before).abs().max().item() < 1.0  # (the nan row zeroed: the rest unchanged)
+    assert all(not m.merged_adapters for m in ours.get_base_model().modules() if hasattr(m, "merged_adapters"))
+
+
+@wired
+def test_merge_after_a_forward_reads_a_repacked_4bit_weight_as_it_computes(saved):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit W at its first eval forward; peft's merge then reads
+    the repacked bytes as plain ones (dequantize_4bit), a wrong W (logits 0.7 off): deltatune unpacks it first."""
+    _, ours = _pair(saved, "nf4")
+    inputs = tiny_inputs("llama")
+    before = _logits(ours, inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours.merge_adapter()
+    theirs2, _ = _pair(saved, "nf4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs2.merge_adapter()  # peft's merge on W as loaded: its rounding is the tolerance
+    tolerance = (_logits(theirs2, inputs) - before).abs().max().item()
+    assert (_logits(ours, inputs) - before).abs().max().item() <= 2 * tolerance
+
+
+# -- carried fault: IA3's merge on a bnb layer was a raw shape / cast error; peft refuses ("Cannot merge ia3 layers
+# when the model is loaded in 8-bit mode") -----------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["8bit", "nf4"])
+def test_ia3_merge_on_a_bnb_base_is_refused_in_one_line_naming_the_layer(saved, kind):
+    model = dt.get_delta_model(_load(saved, kind), dt.IA3Config(target_modules=["k_proj", "down_proj"],
+                                                                feedforward_modules=["down_proj"], init_ia3_weights=False))  # fmt: skip
+    inputs = tiny_inputs("llama")
+    before = _logits(model.eval(), inputs)
+    with pytest.raises(TypeError, match=r"bitsandbytes .*-bit Linear.*peft refuses it too.*merge_quantized"):
+        model.merge_adapter()
+    with pytest.raises(TypeError, match="merge_quantized"):
+        model.merge_and_unload()
+    assert torch.equal(_logits(model, inputs), before)
+    plain, report = dt.merge_quantized(model, inputs["input_ids"])  # dequantised, as deltatune's 4-bit layers
+    assert report.max_abs_diff < 0.05  # (the bitsandbytes matmul against the dequantised W's: 2e-3 seen on 8-bit)
+    assert (_logits(plain, inputs) - before).abs().max().item() == pytest.approx(report.max_abs_diff)
+
+
+# -- carried fault: merge_quantized(requantize=True) after merge_adapter() left the layers that merge had dequantised
+# (deltatune's own 4-bit layers, dequantised for good) in full precision, and reported the model requantised ----------
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_requantized_merge_after_merge_adapter_quantises_the_merged_layers_again(model_type):
+    def adapted():
+        torch.manual_seed(0)
+        base, _ = dt.quantize(tiny_model(model_type, hidden_size=64), backend="bitsandbytes")
+        torch.manual_seed(1)
+        return dt.get_delta_model(base, dt.LoraConfig(r=4, init_lora_weights=False)).eval()
+
+    inputs = tiny_inputs(model_type)
+    reference, _ = dt.merge_quantized(adapted(), inputs["input_ids"], requantize=True)  # merged in one go
+    model = adapted()
+    model.merge_adapter()
+    plain, report = dt.merge_quantized(model, inputs["input_ids"], requantize=True)
+    four = {n for n, m in reference.named_modules() if isinstance(m, dt.Linear4bit)}
+    assert four and {n for n, m in plain.named_modules() if isinstance(m, dt.Linear4bit)} == four
+    assert sorted(report.quantized) == sorted(four)
+    assert torch.equal(_logits(plain, inputs), _logits(reference, inputs))
