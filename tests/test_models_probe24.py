@@ -41,6 +41,9 @@ def test_a_revision_on_a_local_folder_is_refused_not_ignored(folder):
     with pytest.raises(ConfigError) as exc:
         load_tokenizer(folder, revision="v1.0")
     _one_line(exc, "model.revision")
+    with pytest.raises(ConfigError) as exc:  # (the hub id of an embedded model loads its local copy)
+        load_tokenizer("sentence-transformers/all-MiniLM-L6-v2", revision="v1.0")
+    _one_line(exc, "model.revision", "embedded copy")
 
 
 def test_revision_and_attn_implementation_reach_from_pretrained_for_a_hub_id(folder, monkeypatch):

@@ -73,9 +73,12 @@ def hub_revision(name_or_path: str, revision: str | None) -> dict:
     if revision is None:
         return {}
     if os.path.isdir(resolve_path(name_or_path)) or os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")):
+        what = (
+            "loads deltatune's embedded copy, a local folder" if embedded.lookup(name_or_path) else "is a local folder"
+        )
         raise ConfigError(
-            f"model.revision is {revision!r}, but model {name_or_path!r} is a local folder, which has no revisions "
-            "(transformers would load its files as they are): drop model.revision, or check out that revision there"
+            f"model.revision is {revision!r}, but model {name_or_path!r} {what}, which has no revisions (transformers "
+            "would load its files as they are): drop model.revision, or check out that revision there"
         )
     return {"revision": revision}
 
