@@ -116,7 +116,7 @@ def test_a_run_begun_before_the_mark_resumes_evaluates_and_serves_with_its_alpac
     read it; a run begun now (mark_run) reads LLaMA-Factory's."""
     out, recipe = _run_folder(tmp_path, marked)
     cfg = build(recipe)
-    old, note = old_run_data(read_recipe(str(out)), str(out))
+    old, note = old_run_data(yaml.safe_load((out / "run.yaml").read_text()), str(out))
     assert note == "" and recipe_changes(old, recipe) == []
     take_derived(cfg, str(out))
     for_template = {
@@ -124,6 +124,7 @@ def test_a_run_begun_before_the_mark_resumes_evaluates_and_serves_with_its_alpac
         "eval": build(old).data.template,
         "serve": run_template(str(out)),
         "checkpoint": run_template(str(out / "checkpoint-2")),
+        "scorer, captioner": read_recipe(str(out))["data"]["template"],  # (a reward run in PPO, generate --image)
     }
     want = "alpaca" if marked else "alpaca_v0"
     assert for_template == dict.fromkeys(for_template, want)

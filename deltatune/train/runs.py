@@ -77,6 +77,9 @@ def read_recipe(run_dir: str, what: str = "give a folder written by 'deltatune t
     method = raw.get("method")
     if isinstance(method, dict) and method.get("target_modules") is not None and _no_targets(method.get("name")):
         raw["method"] = {k: v for k, v in method.items() if k != "target_modules"}  # (never read; refused since)
+    data = raw.get("data")
+    if isinstance(data, dict) and trained_template(data.get("template"), run_dir) != data.get("template"):
+        raw["data"] = {**data, "template": OLD_ALPACA}  # (begun before the alpaca_system mark: as it trained)
     return raw
 
 
