@@ -164,14 +164,37 @@ class DeltaLayer(nn.Module):
         """Names of the adapters this layer holds."""
         return list(dict.fromkeys(key for attr in self.adapter_attrs for key in getattr(self, attr)))
 
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
+    merged = property(lambda self: bool(self.merged_adapters), doc="peft's: whether any adapter is merged here")
 
     def set_adapters(self, names: list[str]) -> None:
         """Make ``names`` (those of them this layer holds) the active adapters, in that order."""
-        held = self.adapter_names
-        self.active_adapters = [n for n in names if n in held]
+        self.active_adapters = [n for n in names if n in self.adapter_names]
+        self._asked = list(names)  # (as peft's layers keep them, for delete_adapter's choice)
+
+    active_adapter = property(lambda self: list(self.active_adapters), doc="peft's: the active adapters, a list")
+    disable_adapters = property(lambda self: self.disabled, doc="peft's: whether the layer computes as its base")
+
+    def get_base_layer(self) -> nn.Module:  # peft's: the bottom of the base_layer chain (this layer: none)
+        return b.get_base_layer() if isinstance(b := getattr(self, "base_layer", self), DeltaLayer) and b is not self else b  # fmt: skip
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """peft's (a layer driven on its own; DeltaModel drives its layers through status.py): these adapters active,
+        trainable unless ``inference_mode`` (their dropout then in eval mode), the others frozen (or ValueError)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.check_active(names, type(self).__name__)
+        for n, p in ((a, p) for a in self.adapter_names for p in self.adapter_parameters(a).values()):
+            p.requires_grad_(n in names and not inference_mode)
+        for d, n in ((d, n) for d in self.children() if isinstance(d, nn.ModuleDict) for n in names if n in d):
+            d[n].train(self.training and not inference_mode)  # (peft's set_training)
+        self.set_adapters(names)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """peft's: enabled, ``set_adapter`` of the active adapters; disabled, none trains (their dropout in eval mode)
+        and the layer computes as its base (merged adapters unmerged now; peft's LoRA unmerges at its next forward)."""
+        if self.merged_adapters and not enabled:
+            self.unmerge()
+        self.set_adapter(self.active_adapters, inference_mode=not enabled)
+        self.disabled = not enabled
 
     def check_active(self, names: list[str], path: str) -> None:
         """ValueError when ``names`` cannot be active together on this layer (the layer at ``path``); they can by
@@ -218,13 +241,15 @@ class DeltaLayer(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter's entries (unmerging it first)."""
-        if name in self.merged_adapters:
-            self.unmerge(name)
+        self.unmerge(name)  # (idempotent)
         for attr in self.adapter_attrs:
             container = getattr(self, attr)
             if name in container:
                 del container[name]
-        self.active_adapters = [n for n in self.active_adapters if n != name]
+        if name in self.active_adapters:  # peft's: the others asked for active, else the first left by name, warned
+            if not (rest := [n for n in getattr(self, "_asked", []) if n != name]) and (rest := sorted(self.adapter_names)[:1]):  # fmt: skip
+                warnings.warn(f"Adapter {name} was active which is now deleted. Setting active adapter to {rest[0]}.", stacklevel=2)  # fmt: skip
+            self.set_adapter(rest)  # (DeltaModel.delete_adapter then sets the model's choice)
 
     # -- merging -----------------------------------------------------------------------------------
     def merge(self, name: str | bool | None = None, adapter_names: list[str] | None = None, safe_merge=False) -> None:
@@ -249,12 +274,10 @@ class DeltaLayer(nn.Module):
 
     def merge_as(self, name: str, safe: bool) -> None:
         """``merge(name)`` as PEFT's with ``safe_merge=safe``, kept in ``safe_merged`` for ``_merge_weights`` and redos.
-        An adapter merged already is left as it is and warned about, per adapter. PEFT's ``check_adapters_to_merge``
-        leaves it too, but warns per layer holding any merged adapter: 'All adapters are already merged, nothing to
-        do.' where every named one is, else 'Already following adapters were merged ... You are now additionally
-        merging ...' (even where none named is merged); deltatune has no 'additionally merging' warning. A name listed
-        twice in one ``merge_adapter`` call on a fresh model is merged once here and warned about at its second listing
-        (PEFT merges it twice, silently)."""
+        An adapter merged already is left as it is and warned about, per adapter (PEFT's ``check_adapters_to_merge``:
+        per layer, 'All adapters are already merged, nothing to do.', or 'Already following adapters were merged ...
+        You are now additionally merging ...', which deltatune leaves out). A name listed twice in one call on a fresh
+        model is merged once and warned about at its second listing (PEFT merges it twice, silently)."""
         if name in self.merged_adapters:  # (merge_adapter called twice, or a name listed twice in one call)
             warnings.warn(f"adapter {name!r} is already merged, nothing to do", UserWarning, stacklevel=3)
         self.safe_merged[name] = self.safe_merged.get(name, False) if name in self.merged_adapters else safe
@@ -356,6 +379,10 @@ class ModulesToSave(DeltaLayer):
     def add(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module).requires_grad_(True)
 
+    def delete_adapter(self, name: str) -> None:  # no choice of its own: peft's wrapper takes it from the caller
+        self.active_adapters, self._asked = [n for n in self.active_adapters if n != name], []
+        super().delete_adapter(name)
+
     def check_active(self, names: list[str], path: str) -> None:
         if len(held := [n for n in names if n in self.modules_to_save]) > 1:  # as PEFT's ModulesToSaveWrapper refuses
             raise ValueError(_several_copies(held, repr(path)))
@@ -412,11 +439,8 @@ class ModulesToSave(DeltaLayer):
             f"(modules_to_save), a {type(value).__name__} every row shares; call with use_cache=False, or one adapter"
         )
 
-    def merge(self, name: str) -> None:  # nothing to fold: the copy replaces the original on unwrap
-        pass
-
-    def unmerge(self, name: str) -> None:
-        pass
+    # nothing to fold (named or not, as every layer's merge / unmerge): the copy replaces the original on unwrap
+    merge = unmerge = lambda self, *args, **kwargs: None
 
     def unwrap(self) -> nn.Module:
         return self._current()
@@ -465,13 +489,6 @@ def linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
     if isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features")):
         return int(module.in_features), int(module.out_features), False
     return None
-
-
-def base_weight(layer: nn.Module) -> torch.Tensor:
-    """The weight of a plain or wrapped base module."""
-    while isinstance(layer, DeltaLayer) and hasattr(layer, "base_layer"):
-        layer = layer.base_layer
-    return layer.weight
 
 
 def checkpointing(model: nn.Module) -> bool:

@@ -56,7 +56,7 @@ class LoraConfig(DeltaConfig):
     lora_dropout: float = 0.0
     """Dropout on the adapter's input, in [0, 1). 0 skips it (and its copy of x) entirely."""
     fan_in_fan_out: bool = False
-    """Weights stored as (d_in, d_out). Set automatically for GPT-2 style Conv1D layers."""
+    """Weights stored as (d_in, d_out). Set automatically for GPT-2 style Conv1D layers (warned, as peft)."""
     bias: str = "none"
     """Which biases train with the adapter: 'none', 'all' (every bias in the model), 'lora_only'."""
     use_rslora: bool = False
@@ -288,16 +288,20 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
 def _say_fan_in_fan_out(config: LoraConfig, new: list[_LoraBase]) -> None:
     """Set ``config.fan_in_fan_out`` as peft's dispatch does for each new layer in turn (so a saved GPT-2 adapter says
     true, as peft's): True at a GPT-2 ``Conv1D``, False at a plain ``nn.Linear``. The layers read their own layout
-    (``linear_shape``), so the field only tells; peft's warning about the change is left out (the field's doc says)."""
+    (``linear_shape``), so the field only tells; each change is warned about in peft's words."""
     said = [c for c in (config, getattr(config, "_stored", None)) if c is not None]  # a load's copy and the kept one
     for layer in new:
         base = layer.base_layer
         if isinstance(layer, LoraLinear) and layer.fan_in_fan_out:
-            for c in said:
-                c.fan_in_fan_out = True
+            flag, why = True, "False but the target module is `Conv1D`. Setting fan_in_fan_out to True."
         elif isinstance(base, nn.Linear) and not is_quantized(base):
-            for c in said:
-                c.fan_in_fan_out = False
+            flag, why = False, "True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False."
+        else:
+            continue
+        if config.fan_in_fan_out != flag:
+            warnings.warn(f"fan_in_fan_out is set to {why}", stacklevel=4)
+        for c in said:
+            c.fan_in_fan_out = flag
 
 
 def _check_patterns(config: LoraConfig, names: list[str]) -> None:
