@@ -65,10 +65,11 @@ def test_empty_system_message_writes_nothing(tok, template):
 def test_alpaca_answers_train_through_eos(tok):
     """The built-in alpaca: LLaMA-Factory's prompt text (its user slot ends with ``### Response:\\n``) and each answer
     trained through the EOS; the ``\\n\\n`` LLaMA-Factory's slot writes after the EOS stays untrained here (TRL's rule:
-    nothing after the EOS trains)."""
+    nothing after the EOS trains); since probe 24 after LLaMA-Factory's default system."""
     ids, labels = encode_chat(_messages(None, TURNS), tok, "alpaca")
     text = tok.decode(ids)
-    assert text == ("### Instruction:\nHi\n\n### Response:\nHello.<|im_end|>\n\n"
+    assert text == ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                    "request.\n\n### Instruction:\nHi\n\n### Response:\nHello.<|im_end|>\n\n"
                     "### Instruction:\nWhat is 2+2?\n\n### Response:\n4, of course.<|im_end|>\n\n")  # fmt: skip
     trained = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
     assert trained == tok.encode("Hello.<|im_end|>4, of course.<|im_end|>", add_special_tokens=False)

@@ -138,7 +138,7 @@ def test_tokenizer_template_renders_the_text(tok):
         ),
         (
             "alpaca",
-            "You are terse.\n\n### Instruction:\nName a colour.\n\n### Response:\nBlue.[SEP]\n\n",
+            "You are terse.### Instruction:\nName a colour.\n\n### Response:\nBlue.[SEP]\n\n",  # (LLaMA-Factory's)
             "Blue.[SEP]",
         ),
         ("plain", "You are terse.\nName a colour.\nBlue.[SEP]\n", "Blue.[SEP]"),

@@ -525,6 +525,8 @@ def test_chat_requests_are_rendered_with_the_template_the_run_trained_with(serve
     shutil.copytree(folders["lora"], run)
     with open(os.path.join(run, "run.yaml"), "w") as fh:
         yaml.safe_dump({"stage": "sft", "model": {"name_or_path": base}, "data": {"template": "alpaca"}}, fh)
+    with open(os.path.join(run, "deltatune_marks.json"), "w") as fh:  # a run begun since the alpaca_system mark
+        fh.write('{"alpaca_system": 1}')
     got, _ = _post(server, "/v1/adapters", json.dumps({"name": "alpaca", "path": "alpaca-run"}).encode())
     assert got == 200 and engine.templates == {"alpaca": "alpaca"}
     tok, api = engine.tokenizer, client(server)
