@@ -32,7 +32,7 @@ from .config_align import (  # noqa: F401  (the align section, a room of its own
     unbuilt_default,
     validate_align,
 )
-from .config_read import NO_ADAM, READ_BY, ignored_keys  # noqa: F401  (which stage reads which key; names kept here)
+from .config_read import NO_ADAM, READ_BY, ignored_keys, validate_model  # noqa: F401  (which stage reads which key; names kept here)
 from .config_train import (  # noqa: F401  (the train section, a room of its own; names kept here)
     FSDP_OPTIONS,
     NEEDS_KWARGS,
@@ -55,6 +55,10 @@ class ModelArgs:
     quantization: dict | None = _f(None, "Quantise the base, e.g. {bits: 4} for QLoRA (keys of deltatune.quantize).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub (only for models you trust).")
+    revision: str | None = _f(None, "A hub id's branch, tag or commit (model and tokenizer); default: main. Refused "
+                              "for a local folder, which has none.")  # fmt: skip
+    attn_implementation: str | None = _f(None, "eager, sdpa, flash_attention_2, flash_attention_3 or flex_attention "
+                                         "(transformers' attn_implementation); default: transformers' choice.")  # fmt: skip
     text_encoder: str | None = _f(None, "t2i: the frozen text encoder (a folder, hub id or 'minilm'); default: "
                                   "the base's.")  # fmt: skip
     train_text_encoder: bool = _f(False, "t2i: also train a LoRA (method lora's r, lora_alpha) on the text "
@@ -391,6 +395,7 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.train.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {cfg.train.precision!r}")
     _validate_values(cfg)
+    validate_model(cfg.model)
     validate_align(cfg.align, cfg.stage, cfg.train.batch_size)
     if cfg.align.beta < 0 or (cfg.align.beta == 0 and cfg.stage != "grpo"):
         raise ConfigError(f"align.beta must be > 0 (>= 0 for grpo), got {cfg.align.beta}")

@@ -53,7 +53,8 @@ READ_BY = (("sft", "data.packing data.mask_history data.train_on_prompt"), ("pt 
            ("orpo", "align.disable_prompt_loss"),
            ("simpo cpo", "align.simpo_gamma align.cpo_alpha align.alpha"), ("orpo simpo cpo", "align.answer_eos"),
            ("rm", "align.center_rewards_coefficient"),  # ppo's and grpo's own loops run no checkpointed forward
-           (" ".join(k for k, s in STAGES.items() if not s.loop), "model.gradient_checkpointing"))  # fmt: skip
+           (" ".join(k for k, s in STAGES.items() if not s.loop), "model.gradient_checkpointing"),
+           (" ".join(k for k in STAGES if k != "t2i"), "model.revision model.attn_implementation"))  # fmt: skip
 
 
 def ignored_keys(cfg: Any) -> list[tuple[str, str]]:

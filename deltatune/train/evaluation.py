@@ -90,11 +90,13 @@ def evaluate(
             "use 'deltatune generate --compare' to see base and adapter side by side"
         )
     saved = "preprocessor_config.json" if cfg.stage in IMAGE_STAGES else "tokenizer_config.json"
+    saved_dir = folder_with(run_dir, saved) if cfg.stage != "t2i" else None  # (the run's own: no revision)
     tok = load_processor(
-        (folder_with(run_dir, saved) if cfg.stage != "t2i" else None) or cfg.model.name_or_path,
+        saved_dir or cfg.model.name_or_path,
         cfg.stage,
         trust_remote_code,
         cfg.model.text_encoder,
+        None if saved_dir else cfg.model.revision,
     )
     if cfg.stage == "t2i":  # the text encoder's LoRA, when the run trained one
         tok.load_text_encoder_lora(run_dir)

@@ -178,15 +178,10 @@ def build_model(cfg: RunConfig, tok, labels: list[str] | None = None) -> torch.n
     """The base model for the recipe's stage, quantised if asked (not yet wrapped)."""
     task = TASK_OF_STAGE[cfg.stage]
     num_labels = len(labels) if labels else cfg.model.num_labels  # a run's labels name its head's classes
-    model = load_model(
-        cfg.model.name_or_path,
-        task,
-        cfg.model.dtype,
-        num_labels,
-        dict(enumerate(labels)) if labels else None,
-        cfg.model.trust_remote_code,
-        getattr(tok, "pad_token_id", None),  # an image processor has none
-    )
+    m = cfg.model  # (an image processor has no pad token id)
+    id2label = dict(enumerate(labels)) if labels else None
+    model = load_model(m.name_or_path, task, m.dtype, num_labels, id2label, m.trust_remote_code,
+                       getattr(tok, "pad_token_id", None), m.revision, m.attn_implementation)  # fmt: skip
     check_vocab(cfg.model.name_or_path, model, tok)  # (a larger tokenizer: IndexError in the first step)
     trained = cfg.output.dir if cfg.trained_run is True else cfg.trained_run  # (the run's folder: its marks)
     model = set_problem_type(_quantize(model, cfg.model.quantization, trained=trained), cfg)
@@ -220,7 +215,7 @@ def start_model(
     as_saved = saved is not None and _same(saved.get("target_modules"), config.target_modules)  # (not a new recipe)
     # The runs deltatune owns use the fused causal-LM loss (deltatune.loss); the library's default leaves it off.
     with from_file() if as_saved else contextlib.nullcontext():  # (its weights: the checkpoint's, as trained)
-        delta = get_delta_model(model, config, fused_loss=True)
+        delta = get_delta_model(model, config, fused_loss=True, revision=cfg.model.revision)  # (peft's record)
     if not cfg.train.fsdp:  # adapters in fp32 on a half-precision base (FSDP flattens a layer in one dtype)
         upcast_adapters(delta)
     if config is asked:
@@ -309,7 +304,8 @@ def _train(
         raise ConfigError(f"--resume: since {os.path.basename(checkpoint)} was written, {'; '.join(changed)}, so "
                           "training would not continue as it went; pass --resume-changed to continue anyway")  # fmt: skip
     set_seed(cfg.train.seed)
-    tok = load_processor(cfg.model.name_or_path, cfg.stage, cfg.model.trust_remote_code, cfg.model.text_encoder)
+    m = cfg.model
+    tok = load_processor(m.name_or_path, cfg.stage, m.trust_remote_code, m.text_encoder, m.revision)
     prepared = prepare(cfg, tok)
     _check_best_metric(cfg, prepared)  # (before the model loads)
     if prepared.labels:

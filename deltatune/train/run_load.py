@@ -118,7 +118,11 @@ def load_adapter_model(adapter_dir: str, model: str | None = None, merged: bool 
     saved = "preprocessor_config.json" if stage in IMAGE_STAGES else "tokenizer_config.json"
     tok_dir = folder_with(adapter_dir, saved) if stage != "t2i" else None  # t2i: the base has the UNet's
     encoder = cfg.model.text_encoder if recipe_path else None
-    tok = load_processor(tok_dir or name, stage, trust_remote_code, encoder)
+    # the run's hub revision and attention as it trained (model.revision, model.attn_implementation); a --model
+    # folder or hub id given here is loaded as it is (a local folder has no revisions)
+    revision = cfg.model.revision if recipe_path and not model else None
+    attn = cfg.model.attn_implementation if recipe_path else None
+    tok = load_processor(tok_dir or name, stage, trust_remote_code, encoder, None if tok_dir else revision)
     if stage == "t2i":  # a run that trained its text encoder too (model.train_text_encoder) saved that LoRA beside
         tok.load_text_encoder_lora(adapter_dir)
         tok.use_run_scheduler(adapter_dir)  # the prediction_type it trained with (train.prediction_type)
@@ -131,6 +135,8 @@ def load_adapter_model(adapter_dir: str, model: str | None = None, merged: bool 
         id2label=dict(enumerate(labels)) if labels else None,
         trust_remote_code=trust_remote_code,
         pad_token_id=getattr(tok, "pad_token_id", None),
+        revision=revision,
+        attn_implementation=attn,
     )
     if recipe_path:  # a QLoRA run's adapter on the 4-bit base it was trained on; cls's problem type
         base = set_problem_type(_quantize(base, cfg.model.quantization, trained=adapter_dir), cfg)
