@@ -241,7 +241,7 @@ class DeltaLayer(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter's entries (unmerging it first)."""
-        self.unmerge(name)  # (idempotent)
+        self.unmerge(name) if name in self.merged_adapters else None  # (a token layer's unmerge refuses any name)
         for attr in self.adapter_attrs:
             container = getattr(self, attr)
             if name in container:

@@ -204,3 +204,17 @@ def test_model_delete_adapter_warns_as_peft_s_layers_do():
     t.base_model.set_adapter(["a", "b"]), o.set_adapter(["a", "b"])
     assert _warned(lambda: o.delete_adapter("a")) == _warned(lambda: t.delete_adapter("a")) == []
     assert o.active_adapters == t.active_adapters == ["b"]
+
+
+def test_deleting_a_token_adapter_unmerges_nothing():
+    """(583a515 called every layer's unmerge in delete_adapter: a token layer's refuses any name, so deleting a prompt
+    tuning adapter raised NotMergeable.) As peft: the adapter goes, the first left by name active."""
+    kw = dict(num_virtual_tokens=2, task_type="CAUSAL_LM")
+    models = []
+    for make, cfg in ((peft.get_peft_model, peft.PromptTuningConfig), (dt.get_delta_model, dt.PromptTuningConfig)):
+        torch.manual_seed(0)
+        model = make(tiny_model("llama"), cfg(**kw), adapter_name="b")
+        model.add_adapter("a", cfg(**kw))
+        model.delete_adapter("b")
+        models.append(model)
+    assert list(models[1].peft_config) == list(models[0].peft_config) == ["a"]
