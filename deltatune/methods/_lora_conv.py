@@ -25,6 +25,7 @@ from ..layer import DeltaLayer, DequantizedLinear, NotMergeable
 from . import _lora_init as inits
 from ._dora import add_dora, dora, merge_weight, unmerge_weight
 from ._dora_layers import conv_dora, init_magnitude
+from ._quant_inplace import requantized_after
 from .quant import is_quantized
 
 
@@ -188,6 +189,10 @@ class _LoraBase(DeltaLayer):
     def _merge_weights(self, name: str, base: torch.Tensor | None = None, safe: bool | None = None) -> None:
         safe = self.safe_merged.get(name, False) if safe is None else safe
         inits.check_bias_merge(self, name)
+        with requantized_after(self, name):  # a bitsandbytes layer transformers loaded: quantised again, as peft's
+            self._merge_into(name, base, safe)
+
+    def _merge_into(self, name: str, base: torch.Tensor | None, safe: bool) -> None:
         self._dequantize_base()
         with self._merge_scale(name):  # its scale now, or (a redo) the one it was merged at
             dora = name in self.lora_magnitude_vector
@@ -219,7 +224,8 @@ class _LoraBase(DeltaLayer):
         return base
 
     def _unmerge_weights(self, name: str) -> None:
-        with self._merge_scale(name):  # the update as it was merged, whatever the scale now
+        # the update as it was merged, whatever the scale now; a bitsandbytes base quantised again after, as peft's
+        with requantized_after(self, name), self._merge_scale(name):
             weight = self._weight
             delta = self.delta_weight(name, merging=True)
             if name in self.lora_magnitude_vector:

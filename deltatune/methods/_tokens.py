@@ -125,7 +125,7 @@ class VirtualTokens(DeltaLayer):
         self._handles.clear()
         return None
 
-    def merge(self, name: str) -> None:
+    def merge(self, name: str | bool | None = None, *args, **kwargs) -> None:  # named or not, as every layer's
         method = self.specs[name].method if name in self.specs else "token"
         raise NotMergeable(
             f"{method} adapter {name!r} adds virtual tokens; there is nothing to merge into the base weights"
