@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,28 +20,62 @@ def _tree(root, splits=("train", "test"), classes=("cat", "dog")):
                 Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(root / s / c / f"{k}.png")
 
 
-@pytest.mark.parametrize("splits", [("train", "test"), ("train",), ("Training", "val")])
-def test_a_folder_of_split_folders_is_refused_naming_them_where_datasets_reads_splits(splits, tmp_path):
-    """datasets' imagefolder reads ``root/train/cat/x.png`` as split train, class cat; read as class folders the
-    splits were the classes ('test', 'train'), silently mixing the test images into training."""
+def _split_folders(datasets, root) -> dict[str, str]:
+    """The top folders datasets' imagefolder reads as splits (its data_files patterns), folder -> split."""
+    from datasets import data_files as df
+
+    patterns = df.get_data_patterns(str(root))
+    if patterns == {"train": ["**"]}:  # no split named: every file is train's
+        return {}
+    resolved = df.DataFilesDict.from_patterns(patterns, base_path=str(root))
+    return {os.path.relpath(f, root).split(os.sep)[0]: str(s) for s, files in resolved.items() for f in files}
+
+
+@pytest.mark.parametrize(
+    "splits",
+    [("train", "test"), ("train",), ("training_set", "test_set"), ("train-1", "test-1"), ("Training", "val")],
+)
+def test_a_folder_of_split_folders_is_refused_naming_those_datasets_reads_as_splits(splits, tmp_path):
+    """datasets' imagefolder reads ``root/train/cat/x.png`` as split train, class cat (and 'training_set', 'test-1'
+    as its data_files patterns match them, case-sensitive: 'Training' is none); read as class folders the splits
+    were the classes ('test', 'train'), silently mixing the test images into training."""
     datasets = pytest.importorskip("datasets")
     _tree(tmp_path / "d", splits)
     ds = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "d"))
     assert all(part.features["label"].names == ["cat", "dog"] for part in ds.values())  # splits, not classes
+    read = _split_folders(datasets, tmp_path / "d")
     with pytest.raises(DataError) as err:
         I.read_image_rows(str(tmp_path / "d"))
     said = str(err.value)
-    assert "\n" not in said and repr(splits[0]) in said and str(tmp_path / "d" / splits[0]) in said
+    assert "\n" not in said and {s for s in splits if repr(s) in said.split("(")[1]} == set(read)
+    train = [f for f, s in read.items() if s == "train"]
+    if train:  # the hint names the train split, else none
+        assert f"data.train: {str(tmp_path / 'd' / train[0])!r}" in said
+    else:
+        assert "data.train / data.eval" in said and "data.train: '" not in said
 
 
-def test_class_folders_named_like_splits_that_hold_their_images_are_still_classes(tmp_path):
-    """A class folder called 'test' with its images in it (datasets' imagefolder reads no split from a folder
-    without sub-folders either way) and a class with nested batches (torchvision's reading) stay as they were."""
-    _tree(tmp_path / "d", ("a",), ("test", "dog"))
-    (tmp_path / "d" / "a" / "dog" / "batch1").mkdir()
-    Image.new("RGB", (8, 8)).save(tmp_path / "d" / "a" / "dog" / "batch1" / "x.png")
-    rows = I.read_image_rows(str(tmp_path / "d" / "a"))
-    assert sorted({r.label for r in rows}) == ["dog", "test"] and len(rows) == 5
+def test_a_split_folder_beside_hidden_files_is_still_a_split(tmp_path):
+    """macOS's ``._x.png`` beside a split's class folders is no image (skipped everywhere else): 'train' stayed a
+    class, 'test' alone was refused, with the hint data.train: 'd/test'."""
+    datasets = pytest.importorskip("datasets")
+    _tree(tmp_path / "d")
+    (tmp_path / "d" / "train" / "._x.png").write_bytes(b"\0\0")
+    assert _split_folders(datasets, tmp_path / "d") == {"train": "train", "test": "test"}
+    with pytest.raises(
+        DataError, match=r"\('test', 'train'\).*data\.train: '[^']*/d/train', data\.eval: '[^']*/d/test'"
+    ):
+        I.read_image_rows(str(tmp_path / "d"))
+
+
+@pytest.mark.parametrize("names", [("Train", "Test"), ("pretrain", "testx")])
+def test_folders_datasets_reads_no_split_from_are_classes(names, tmp_path):
+    """Names datasets' patterns do not match (case-sensitive; a keyword between ``-._ 0-9`` only) are classes."""
+    datasets = pytest.importorskip("datasets")
+    _tree(tmp_path / "d", names)
+    assert _split_folders(datasets, tmp_path / "d") == {}
+    rows = I.read_image_rows(str(tmp_path / "d"))
+    assert sorted({r.label for r in rows}) == sorted(names) and len(rows) == 8
 
 
 def test_a_parquet_files_class_label_names_are_the_classes_as_datasets_reads_them(tmp_path):
@@ -86,3 +122,58 @@ def test_an_image_folders_images_are_those_datasets_imagefolder_reads(tmp_path):
     rows = I.read_image_rows(str(tmp_path / "d"))
     assert sorted((r.path, r.label) for r in rows) == want and len(want) == 8
     assert I.check(rows) == {"1": 1}  # each one opens (the .pbm is bilevel)
+
+
+def _class_label_parquet(datasets, path, names, ids):
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    images = [Image.new("RGB", (8, 8), (40 * k, 9, 9)) for k in range(len(ids))]
+    datasets.Dataset.from_dict({"image": images, "label": ids}, features=feats).to_parquet(str(path))
+    return datasets.load_dataset("parquet", data_files=str(path), split="train")
+
+
+def _prepare(tmp_path, data):
+    from transformers import ViTConfig
+
+    from deltatune.train.config import build
+    from deltatune.train.image_cls import prepare_image_cls
+
+    config = ViTConfig(image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=1, num_attention_heads=2)
+    config.save_pretrained(tmp_path / "vit")
+    cfg = build({"stage": "image_cls", "model": {"name_or_path": str(tmp_path / "vit")}, "data": data})
+    return prepare_image_cls(cfg, processor=None)
+
+
+def test_class_label_names_that_are_numbers_name_the_stored_ids(tmp_path):
+    """ClassLabel names '1', '2', '3': each stored value is an id (datasets' int2str), never a name. Read as names,
+    ids [1, 2, 2, 1] trained as classes '1', '2' (every row one off) and an id 0 was refused."""
+    datasets = pytest.importorskip("datasets")
+    names = ["1", "2", "3"]
+    ref = {s: _class_label_parquet(datasets, tmp_path / f"{s}.parquet", names, ids)
+           for s, ids in (("train", [1, 2, 2, 1]), ("eval", [0, 1, 2, 1]))}  # fmt: skip
+    p = _prepare(tmp_path, {s: str(tmp_path / f"{s}.parquet") for s in ref})
+    assert p.labels == ref["train"].features["label"].names == names
+    for split, part in (("train", p.train), ("eval", p.eval)):
+        feature = ref[split].features["label"]
+        assert [p.labels[i] for i in part.labels] == [feature.int2str(i) for i in ref[split]["label"]]
+
+
+def test_class_label_no_label_is_refused_naming_the_row(tmp_path):
+    """-1 is datasets' ClassLabel "no label": refused in one line naming the file and row, as such."""
+    datasets = pytest.importorskip("datasets")
+    _class_label_parquet(datasets, tmp_path / "d.parquet", ["cat", "dog"], [0, 1, -1, 1])
+    with pytest.raises(DataError) as err:
+        _prepare(tmp_path, {"train": str(tmp_path / "d.parquet")})
+    said = str(err.value)
+    assert "\n" not in said and said.startswith(f"{tmp_path / 'd.parquet'}[2]: label -1") and "no label" in said
+
+
+def test_class_label_names_of_a_row_range_and_of_an_eval_file(tmp_path):
+    """``d.parquet[:4]`` names its file's classes as ``d.parquet`` does (it read classes '0', '2'); an eval file
+    whose ClassLabel names other classes is refused (its ids were read as the train file's classes)."""
+    datasets = pytest.importorskip("datasets")
+    ref = _class_label_parquet(datasets, tmp_path / "d.parquet", ["cat", "dog", "eel"], [0, 2, 0, 2, 1])
+    p = _prepare(tmp_path, {"train": f"{tmp_path / 'd.parquet'}[:4]"})
+    assert p.labels == ref.features["label"].names and p.train.labels == ref["label"][:4]
+    _class_label_parquet(datasets, tmp_path / "e.parquet", ["dog", "cat", "eel"], [0, 1, 2])
+    with pytest.raises(DataError, match=r"e\.parquet: its ClassLabel column 'label' names the classes \['dog'"):
+        _prepare(tmp_path, {"train": str(tmp_path / "d.parquet"), "eval": str(tmp_path / "e.parquet")})

@@ -5,8 +5,8 @@ Sources:
 
 - an image folder: one sub-folder per class (``digits/train/3/0042.png``); the class names are the sub-folder
   names in sorted order, and a class's images are all those under its folder (``cat/batch1/x.png`` too), as
-  torchvision's ``ImageFolder`` reads them; a top folder of split folders (``d/train/cat/x.png``, named as
-  datasets' split keywords) is refused, where datasets' ``imagefolder`` reads splits and read as classes they trained;
+  torchvision's ``ImageFolder`` reads them; a top folder of split folders (``d/train/cat/x.png``, ``d/test_set/...``:
+  ``split_of``) is refused, where datasets' ``imagefolder`` reads splits and read as classes they trained;
 - a JSONL / JSON / CSV / TSV / Parquet file with an image path column (``data.image_column``) and a label column
   (``data.label_column``). The column may hold datasets' ``Image`` feature as exported (``{"bytes": ..., "path":
   ...}``, Parquet's and ``Dataset.to_parquet``'s): the bytes when present (base64 text in JSON), else the path, as
@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .load import DataError, read_rows
+from .load import DataError, data_path, read_rows
 
 IMAGE_EXTENSIONS = (
     ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif", ".jpe", ".pbm", ".pnm",
@@ -44,7 +44,7 @@ IMAGE_EXTENSIONS = (
     ".ftc", ".ftu", ".gbr", ".icb", ".iim", ".pcd", ".pxr", ".vda", ".vst", ".fit", ".fits",
 )  # fmt: skip
 """The files an image folder's images are: datasets' imagefolder's (``ImageFolder.EXTENSIONS``, PIL's readers; the
-first ten torchvision's and .gif) but for those PIL cannot decode by itself (video .mpg / .mpeg, PostScript .eps /
+first ten torchvision's nine and .gif) but for those PIL cannot decode by itself (video .mpg / .mpeg, PostScript .eps /
 .ps, Windows metafiles .wmf / .emf, GRIB / BUFR), which datasets fails on when it decodes them."""
 SHOWN_EXTENSIONS = ", ".join(IMAGE_EXTENSIONS[:10]) + ", ..."
 AUGMENTATIONS = ("random_resized_crop", "hflip")
@@ -142,7 +142,9 @@ def class_label_names(spec: str, column: str | None) -> list[str] | None:
     """The class names datasets saved with a Parquet file's label column: its ``ClassLabel`` feature in the schema's
     ``huggingface`` metadata, which ``Dataset.to_parquet`` writes and ``load_dataset("parquet")`` reads back (the
     features transformers' image-classification script takes label2id / id2label from). None for another source or
-    column, or a file without them (``read_rows`` names an unreadable file)."""
+    column, or a file without them (``read_rows`` names an unreadable file). A row range (``d.parquet[:4]``) is
+    read from its file. Each row's value is an id of these names (``ClassLabel.int2str``), -1 datasets' no label."""
+    spec = data_path(spec)
     if not column or not spec.lower().endswith(".parquet") or not os.path.isfile(spec):
         return None
     try:
@@ -260,35 +262,60 @@ def _folder(root: str, limit: int | None) -> list[ImageRow]:
     return [r for rows in per_class for r in rows]
 
 
-SPLIT_WORDS = ("train", "training", "validation", "valid", "dev", "val", "test", "testing", "eval", "evaluation")
-"""datasets' split keywords (``data_files.SPLIT_KEYWORDS``): a folder so named splits an ``imagefolder`` tree."""
+SPLIT_KEYWORDS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "dev", "val"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
+"""datasets' split keywords (``data_files.SPLIT_KEYWORDS``), matched in a folder's name as its
+``KEYWORDS_IN_DIR_NAME_BASE_PATTERNS`` match them: case-sensitive, the whole name or a part of it between
+``-._ 0-9`` characters ('train', 'training_set', 'test-1', 'my_test'; not 'Train', 'pretrain' or 'testx')."""
+_SPLIT_NAME = {
+    split: re.compile("|".join(rf"(?:.*[-._ 0-9])?{word}(?:[-._ 0-9].*)?" for word in words), re.S)
+    for split, words in SPLIT_KEYWORDS.items()
+}
+
+
+def split_of(name: str) -> str | None:
+    """The split datasets' ``imagefolder`` reads a folder ``name`` as ('train', 'validation', 'test'), else None."""
+    return next((split for split, pattern in _SPLIT_NAME.items() if pattern.fullmatch(name)), None)
 
 
 def _refuse_splits(root: str, classes: list[str]) -> None:
-    """Refuse an image folder of split folders (``root/train/cat/x.png``): datasets' ``imagefolder`` reads their
-    names as splits and the folders inside as the classes; read as classes, the splits ('test', 'train') trained,
-    the test images with them. A folder so named that holds images itself (no split to datasets) stays a class.
+    """Refuse an image folder of split folders (``root/train/cat/x.png``, ``root/training_set/cat/x.png``):
+    datasets' ``imagefolder`` reads their names as splits (``split_of``) and the folders inside as the classes; read
+    as classes, the splits ('test', 'train') trained, the test images with them. A folder so named that holds images
+    itself stays a class, as torchvision's ``ImageFolder`` reads it (datasets would read a split of its own).
 
     Raises:
         DataError: class folders named as splits that hold no images themselves but class folders with images.
     """
-    splits = []
+    splits = {}
     for name in classes:
         folder = os.path.join(root, name)
-        if name.lower() not in SPLIT_WORDS or any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(folder)):
+        if split_of(name) is None or _images_in(folder):
             continue
         inner = [d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith(".")]
         if any(_images_under(os.path.join(folder, d)) for d in inner):
-            splits.append(name)
+            splits[name] = split_of(name)
     if splits:
-        train = next((x for x in splits if x.lower() in ("train", "training")), splits[0])
-        other = [x for x in splits if x != train]
-        hint = f"data.train: {os.path.join(root, train)!r}" + (
-            f", data.eval: {os.path.join(root, other[0])!r}" if other else ""
-        )
+        named = {s: [n for n, x in splits.items() if x == s] for s in SPLIT_KEYWORDS}
+        other = named["validation"] or named["test"]
+        hint = "give data.train / data.eval"
+        if len(named["train"]) == 1:  # (a hint only where one train-named split says which)
+            hint = f"data.train: {os.path.join(root, named['train'][0])!r}"
+            hint += f", data.eval: {os.path.join(root, other[0])!r}" if len(other) == 1 else ""
         raise DataError(f"image folder {root!r} holds split folders ({', '.join(map(repr, splits))}), each with its "
                         f"class folders as datasets' imagefolder reads {root}/<split>/<class>/<image>, not classes: "
                         f"give one split per key ({hint})")  # fmt: skip
+
+
+def _images_in(folder: str) -> bool:
+    """Whether ``folder`` itself (not its sub-folders) holds an image file; hidden files skipped."""
+    return any(
+        f.lower().endswith(IMAGE_EXTENSIONS) and f[0] != "." and os.path.isfile(os.path.join(folder, f))
+        for f in os.listdir(folder)
+    )
 
 
 def _images_under(folder: str) -> list[str]:

@@ -63,15 +63,24 @@ def class_names(
     return class_names_of(mapping, labels), mapping
 
 
-def _ids(rows: list[ImageRow], mapping: dict[Any, int], label_column: str, folder: bool = False) -> list[int]:
+def _ids(
+    rows: list[ImageRow], mapping: dict[Any, int], label_column: str, folder: bool = False, ids_only: bool = False
+) -> list[int]:
     """The class ids of ``rows``; an image folder's rows are named by their class folder (they have no column).
+    ``ids_only``: each value is a class id and only that (a ClassLabel column's, names '1', '2' or not).
 
     Raises:
-        DataError: a label (a class folder) outside the classes, the row (the image) named.
+        DataError: a label (a class folder) outside the classes, the row (the image) named; with ``ids_only``, -1
+            (datasets' ClassLabel "no label").
     """
     out = []
     for r in rows:
-        cid = class_of(r.label, mapping)
+        if ids_only and r.label == -1:
+            raise DataError(f"{r.source}: label -1 (column {label_column!r}) is datasets' ClassLabel 'no label' "
+                            "(a row without its class); image classification trains and scores labelled images: "
+                            "drop the row or give its class id")  # fmt: skip
+        number = ids_only and isinstance(r.label, int) and not isinstance(r.label, bool)
+        cid = (mapping.get(r.label) if number else None) if ids_only else class_of(r.label, mapping)
         if cid is None and folder:
             shown = ", ".join(map(str, list(mapping)[:6])) + (", ..." if len(mapping) > 6 else "")
             raise DataError(f"{r.source}: its class folder {r.label!r} is not one of the training classes ({shown})")
@@ -255,9 +264,17 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
 
         check_bool_labels([(r.source, r.label) for r in [*train_rows, *(eval_rows or [])]], d.label_column, d.labels)
     # a Parquet file saved by datasets names its ClassLabel column's classes (ids kept, absent ones too), as
-    # load_dataset("parquet") reads them; data.labels, when set, names them instead
-    labels = d.labels or class_label_names(d.train, d.label_column)
-    names, mapping = class_names(train_rows, labels, os.path.isdir(d.train), d.label_column)
+    # load_dataset("parquet") reads them; data.labels, when set, names them instead; its values are ids only
+    stored = None if os.path.isdir(d.train) else class_label_names(d.train, d.label_column)
+    if stored:
+        names = [str(x) for x in d.labels] if d.labels else stored
+        mapping = {i: i for i in range(len(names))}
+    else:
+        names, mapping = class_names(train_rows, d.labels, os.path.isdir(d.train), d.label_column)
+    in_eval = class_label_names(d.eval, d.label_column) if stored and d.eval and not os.path.isdir(d.eval) else None
+    if in_eval and in_eval != stored:  # (the same id would be another class in each)
+        raise DataError(f"{d.eval}: its ClassLabel column {d.label_column!r} names the classes {in_eval} where "
+                        f"{d.train}'s names {stored}; give files of one ClassLabel")  # fmt: skip
     if len(names) < 2:
         where = "sub-folder" if os.path.isdir(d.train) else "label"
         raise DataError(
@@ -268,8 +285,12 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
     held = split_off(train_rows, d.val_size, cfg.train.seed, bool(d.eval))
     train_rows, eval_rows = held[0], eval_rows if held[1] is None else held[1]
     folders = os.path.isdir(d.train), os.path.isdir(d.eval) if d.eval else os.path.isdir(d.train)
-    train_ids = _ids(train_rows, mapping, d.label_column, folders[0])
-    eval_ids = _ids(eval_rows, mapping, d.label_column, folders[1]) if eval_rows else None
+    eval_map = mapping  # a ClassLabel train file's eval file without ClassLabel: its values as data.labels reads them
+    if stored and d.eval and not in_eval:
+        eval_map = class_names(eval_rows, names, folders[1], d.label_column)[1]  # type: ignore[arg-type]
+    train_ids = _ids(train_rows, mapping, d.label_column, folders[0], bool(stored))
+    ids_only = bool(stored) and eval_map is mapping
+    eval_ids = _ids(eval_rows, eval_map, d.label_column, folders[1], ids_only) if eval_rows else None
     notes = [f"{len(train_rows)} training images in {len(names)} classes"]
     if held[1] is not None:
         notes.append(f"data.val_size: {len(eval_rows or [])} of the train file's images held out for evaluation")
