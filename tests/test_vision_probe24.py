@@ -168,12 +168,31 @@ def test_class_label_no_label_is_refused_naming_the_row(tmp_path):
 
 
 def test_class_label_names_of_a_row_range_and_of_an_eval_file(tmp_path):
-    """``d.parquet[:4]`` names its file's classes as ``d.parquet`` does (it read classes '0', '2'); an eval file
-    whose ClassLabel names other classes is refused (its ids were read as the train file's classes)."""
+    """``d.parquet[:4]`` names its file's classes as ``d.parquet`` does (it read classes '0', '2'); an eval file's
+    ids are its own ClassLabel's names (``int2str``), in another order too, and one naming a class the train file
+    does not is refused (its ids were read as the train file's classes)."""
     datasets = pytest.importorskip("datasets")
     ref = _class_label_parquet(datasets, tmp_path / "d.parquet", ["cat", "dog", "eel"], [0, 2, 0, 2, 1])
     p = _prepare(tmp_path, {"train": f"{tmp_path / 'd.parquet'}[:4]"})
     assert p.labels == ref.features["label"].names and p.train.labels == ref["label"][:4]
-    _class_label_parquet(datasets, tmp_path / "e.parquet", ["dog", "cat", "eel"], [0, 1, 2])
-    with pytest.raises(DataError, match=r"e\.parquet: its ClassLabel column 'label' names the classes \['dog'"):
-        _prepare(tmp_path, {"train": str(tmp_path / "d.parquet"), "eval": str(tmp_path / "e.parquet")})
+    other = _class_label_parquet(datasets, tmp_path / "e.parquet", ["dog", "cat", "eel"], [0, 1, 2, 0])
+    p = _prepare(tmp_path, {"train": str(tmp_path / "d.parquet"), "eval": str(tmp_path / "e.parquet")})
+    assert [p.labels[i] for i in p.eval.labels] == [other.features["label"].int2str(i) for i in other["label"]]
+    _class_label_parquet(datasets, tmp_path / "f.parquet", ["cat", "fox"], [0, 1])
+    with pytest.raises(DataError, match=r"f\.parquet: its ClassLabel column 'label' names the classes \['cat', 'fox'"):
+        _prepare(tmp_path, {"train": str(tmp_path / "d.parquet"), "eval": str(tmp_path / "f.parquet")})
+
+
+def test_data_labels_over_a_class_label_file(tmp_path):
+    """data.labels (a run's recorded classes, as evaluation reads its data) naming the file's classes in another
+    order: each id read by its own name (it was read as an index of data.labels); naming none of them: each id
+    renamed; naming some: refused."""
+    datasets = pytest.importorskip("datasets")
+    ref = _class_label_parquet(datasets, tmp_path / "d.parquet", ["cat", "dog", "eel"], [0, 2, 0, 2, 1])
+    data = {"train": str(tmp_path / "d.parquet")}
+    p = _prepare(tmp_path, data | {"labels": ["eel", "dog", "cat"]})
+    assert [p.labels[i] for i in p.train.labels] == [ref.features["label"].int2str(i) for i in ref["label"]]
+    p = _prepare(tmp_path, data | {"labels": ["a", "b", "c"]})
+    assert p.labels == ["a", "b", "c"] and p.train.labels == ref["label"]
+    with pytest.raises(DataError, match=r"names the classes \['cat', 'dog', 'eel'\], not all among"):
+        _prepare(tmp_path, data | {"labels": ["cat", "b", "c"]})

@@ -92,6 +92,22 @@ def _ids(
     return out
 
 
+def _id_map(stored: list[str], names: list[str], spec: str, column: str, rename: bool = False) -> dict[int, int]:
+    """A ClassLabel file's ids -> class ids: by name where its names are all classes (the same names in the same
+    order: each id itself; a run's recorded classes in another order: by name), else with ``rename`` (data.labels
+    naming none of the file's classes) each id itself, as data.labels renames them.
+
+    Raises:
+        DataError: names of the file among the classes and others not (an id would be read as another class).
+    """
+    if all(n in names for n in stored):
+        return {i: names.index(n) for i, n in enumerate(stored)}
+    if rename and not set(stored) & set(names):
+        return {i: i for i in range(len(names))}
+    raise DataError(f"{spec}: its ClassLabel column {column!r} names the classes {stored}, not all among the "
+                    f"classes {names}; give files of one ClassLabel (or data.labels naming them all)")  # fmt: skip
+
+
 def confusion(preds: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
     """``m[t, p]``: how many examples of true class t were predicted as p."""
     m = np.zeros((n, n), dtype=np.int64)
@@ -268,13 +284,11 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
     stored = None if os.path.isdir(d.train) else class_label_names(d.train, d.label_column)
     if stored:
         names = [str(x) for x in d.labels] if d.labels else stored
-        mapping = {i: i for i in range(len(names))}
+        mapping = _id_map(stored, names, d.train, d.label_column, rename=True)
     else:
         names, mapping = class_names(train_rows, d.labels, os.path.isdir(d.train), d.label_column)
     in_eval = class_label_names(d.eval, d.label_column) if stored and d.eval and not os.path.isdir(d.eval) else None
-    if in_eval and in_eval != stored:  # (the same id would be another class in each)
-        raise DataError(f"{d.eval}: its ClassLabel column {d.label_column!r} names the classes {in_eval} where "
-                        f"{d.train}'s names {stored}; give files of one ClassLabel")  # fmt: skip
+    eval_map = mapping if not in_eval or in_eval == stored else _id_map(in_eval, names, d.eval, d.label_column)
     if len(names) < 2:
         where = "sub-folder" if os.path.isdir(d.train) else "label"
         raise DataError(
@@ -285,11 +299,10 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
     held = split_off(train_rows, d.val_size, cfg.train.seed, bool(d.eval))
     train_rows, eval_rows = held[0], eval_rows if held[1] is None else held[1]
     folders = os.path.isdir(d.train), os.path.isdir(d.eval) if d.eval else os.path.isdir(d.train)
-    eval_map = mapping  # a ClassLabel train file's eval file without ClassLabel: its values as data.labels reads them
-    if stored and d.eval and not in_eval:
-        eval_map = class_names(eval_rows, names, folders[1], d.label_column)[1]  # type: ignore[arg-type]
+    ids_only = bool(stored)
+    if stored and d.eval and not in_eval:  # a ClassLabel train file's eval file without one: as data.labels reads it
+        eval_map, ids_only = class_names(eval_rows, names, folders[1], d.label_column)[1], False  # type: ignore
     train_ids = _ids(train_rows, mapping, d.label_column, folders[0], bool(stored))
-    ids_only = bool(stored) and eval_map is mapping
     eval_ids = _ids(eval_rows, eval_map, d.label_column, folders[1], ids_only) if eval_rows else None
     notes = [f"{len(train_rows)} training images in {len(names)} classes"]
     if held[1] is not None:
