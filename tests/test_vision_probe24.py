@@ -196,3 +196,13 @@ def test_data_labels_over_a_class_label_file(tmp_path):
     assert p.labels == ["a", "b", "c"] and p.train.labels == ref["label"]
     with pytest.raises(DataError, match=r"names the classes \['cat', 'dog', 'eel'\], not all among"):
         _prepare(tmp_path, data | {"labels": ["cat", "b", "c"]})
+
+
+def test_data_labels_naming_split_named_folders_reads_them_as_classes(tmp_path):
+    """Classes called 'train' and 'test' holding batch folders (torchvision's reading) were refused with no way
+    round; data.labels naming them says they are classes."""
+    _tree(tmp_path / "d", ("train", "test"), ("batch1", "batch2"))
+    with pytest.raises(DataError, match="or data.labels naming them, if they are classes"):
+        _prepare(tmp_path, {"train": str(tmp_path / "d")})
+    p = _prepare(tmp_path, {"train": str(tmp_path / "d"), "labels": ["test", "train"]})
+    assert p.labels == ["test", "train"] and sorted(p.train.labels) == [0] * 4 + [1] * 4

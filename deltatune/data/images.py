@@ -102,6 +102,7 @@ def read_image_rows(
     allow_outside: bool = False,
     text_column: str | None = None,
     caption_lists: bool = False,
+    classes: list | None = None,
 ) -> list[ImageRow]:
     """Read the image examples of an image folder or a data file.
 
@@ -113,13 +114,14 @@ def read_image_rows(
         allow_outside: accept relative image paths that lead outside the data file's folder.
         text_column: the caption column (image-to-text); a row without it is refused.
         caption_lists: a caption may also be a list of captions (text-to-image, as diffusers' scripts take them).
+        classes: an image folder's class names (data.labels): folders so named are classes, named as splits too.
 
     Raises:
         DataError: a missing source, a folder with no class sub-folders or no images, a row without an image path
             (file:line named), a path outside the data folder.
     """
     if os.path.isdir(spec):
-        return _folder(spec, limit)
+        return _folder(spec, limit, classes)
     rows = read_rows(spec, limit=limit)
     root = os.path.dirname(os.path.abspath(spec))
     out = []
@@ -237,11 +239,11 @@ def image_value(value: Any, source: str, column: str) -> tuple[bytes | None, str
     return None, value
 
 
-def _folder(root: str, limit: int | None) -> list[ImageRow]:
+def _folder(root: str, limit: int | None, named: list | None = None) -> list[ImageRow]:
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     if not classes:
         raise DataError(f"image folder {root!r} has no class sub-folders (expected {root}/<class>/<image>)")
-    _refuse_splits(root, classes)
+    _refuse_splits(root, [c for c in classes if c not in {str(x) for x in named or ()}])
     per_class = []
     for name in classes:
         folder = os.path.join(root, name)
@@ -301,13 +303,13 @@ def _refuse_splits(root: str, classes: list[str]) -> None:
     if splits:
         named = {s: [n for n, x in splits.items() if x == s] for s in SPLIT_KEYWORDS}
         other = named["validation"] or named["test"]
-        hint = "give data.train / data.eval"
+        hint = "data.train / data.eval"
         if len(named["train"]) == 1:  # (a hint only where one train-named split says which)
             hint = f"data.train: {os.path.join(root, named['train'][0])!r}"
             hint += f", data.eval: {os.path.join(root, other[0])!r}" if len(other) == 1 else ""
         raise DataError(f"image folder {root!r} holds split folders ({', '.join(map(repr, splits))}), each with its "
                         f"class folders as datasets' imagefolder reads {root}/<split>/<class>/<image>, not classes: "
-                        f"give one split per key ({hint})")  # fmt: skip
+                        f"give one split per key ({hint}; or data.labels naming them, if they are classes)")  # fmt: skip
 
 
 def _images_in(folder: str) -> bool:

@@ -273,8 +273,10 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
     bad = [a for a in d.augment if a not in AUGMENTATIONS]
     if bad:
         raise ConfigError(f"data.augment: unknown augmentation {bad[0]!r}; choose from {', '.join(AUGMENTATIONS)}")
-    train_rows = read_image_rows(d.train, d.image_column, d.label_column, d.limit, d.allow_outside)
-    eval_rows = read_image_rows(d.eval, d.image_column, d.label_column, d.limit, d.allow_outside) if d.eval else None
+    # (data.labels naming an image folder's classes: folders named as splits among them are classes)
+    read = functools.partial(read_image_rows, classes=d.labels)
+    train_rows = read(d.train, d.image_column, d.label_column, d.limit, d.allow_outside)
+    eval_rows = read(d.eval, d.image_column, d.label_column, d.limit, d.allow_outside) if d.eval else None
     if not os.path.isdir(d.train):  # (a folder's classes are its sub-folders' names)
         from .cls import check_bool_labels
 
