@@ -201,7 +201,8 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     di.add_argument("--max-length", type=int, default=512, help="data.max_length: rows longer are counted")
     di.add_argument(
         "--template",
-        help="data.template: chatml, alpaca, plain or raw (TRL's plain text of standard rows; default: the tokenizer's)",
+        help="data.template: chatml, alpaca (LLaMA-Factory's), plain or raw (TRL's plain text of standard rows; "
+        "default: the tokenizer's); alpaca_v0 is the alpaca of runs begun before 2026-12-08 (no default system)",
     )
     di.add_argument("--format", dest="data_format", help="data.format (default: detected from the rows)")
     di.add_argument("--rows", type=int, default=2, help="how many rows to render (default 2)")

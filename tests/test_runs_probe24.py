@@ -236,3 +236,152 @@ def test_an_output_dir_linking_to_nothing_is_refused_before_anything_loads(tmp_p
         check_output_path(str(out))
     (tmp_path / "nowhere").mkdir()
     check_output_path(str(out))  # (a link to a folder is a folder)
+
+
+# -- review of probe 24 --------------------------------------------------------------------------------------------
+
+
+def _lf_encode_ids(tok, system: str | None, turns) -> list[int]:
+    """LLaMA-Factory's ``Template._encode`` for alpaca as ids: each slot element tokenised on its own
+    (``_convert_elements_to_ids``): the system slot, each user slot, each answer, its EOS, the ``\\n\\n`` after it."""
+    enc = tok.encode
+    ids = enc(system or LF_SYSTEM, add_special_tokens=False)
+    for q, a in turns:
+        ids += enc(f"### Instruction:\n{q}\n\n### Response:\n", add_special_tokens=False)
+        ids += enc(a, add_special_tokens=False) + [tok.eos_token_id] + enc("\n\n", add_special_tokens=False)
+    return ids
+
+
+@pytest.mark.parametrize("system", [None, "Be brief."])
+def test_alpaca_ids_differ_from_llamafactorys_per_slot_encode_only_at_its_blank_lines(tok, system):
+    """Kept: deltatune tokenises the rendered conversation whole, as LLaMA-Factory's exported chat template is
+    tokenised (and TRL tokenises a chat template's text); LLaMA-Factory's trainer tokenises each slot apart, so its
+    default system ends in one token "\\n\\n" where the whole text has two "\\n", and so does the "\\n\\n" after each
+    answer's EOS but the last. The same text; one token more at each such seam, nowhere else."""
+    messages = _messages(system, TURNS)
+    ids = encode_chat(messages, tok, "alpaca")[0]
+    lf = _lf_encode_ids(tok, system, TURNS)
+    assert tok.decode(ids) == tok.decode(lf)
+    seams = (system is None) + len(TURNS) - 1  # (the default system's blank line; each inner answer's)
+    assert len(ids) - len(lf) == seams
+    pair = tok.encode("\n", add_special_tokens=False) * 2
+    one = tok.encode("\n\n", add_special_tokens=False)
+    merged, i = [], 0
+    while i < len(ids):  # each seam's two "\n" tokens before "###" as LLaMA-Factory's one
+        if (
+            ids[i : i + 2] == pair
+            and i
+            and ids[i - 1] in (tok.eos_token_id, *tok.encode(".", add_special_tokens=False))
+        ):
+            merged, i = merged + one, i + 2
+        else:
+            merged, i = merged + [ids[i]], i + 1
+    assert merged == lf
+
+
+def test_alpaca_v0_is_one_name():
+    """templates.OLD_ALPACA (the template) and runs.OLD_ALPACA (what an unmarked run's run.yaml reads as) agree."""
+    from deltatune.data import templates
+    from deltatune.train import runs
+
+    assert runs.OLD_ALPACA == templates.OLD_ALPACA and runs.OLD_ALPACA in templates.TEMPLATES
+
+
+def test_a_run_resumed_changed_into_alpaca_trains_llamafactorys_alpaca(tok, tmp_path):
+    """An unmarked run that trained chatml, resumed with alpaca (--resume-changed): take_derived set alpaca_v0 (it
+    read the mark, not run.yaml's chatml); it trains LLaMA-Factory's alpaca now, and once run.yaml is rewritten with
+    it (run.py's write_run_file) chat and serve read that alpaca too."""
+    from deltatune.train.runs import write_run_file
+
+    out, recipe = _run_folder(tmp_path, marked=False)
+    chatml = {**recipe, "data": {**recipe["data"], "template": "chatml"}}
+    (out / "run.yaml").write_text(yaml.safe_dump(chatml), encoding="utf-8")
+    old = old_run_data(read_recipe(str(out)), str(out))[0]
+    assert recipe_changes(old, recipe) == ["data.template: 'chatml' -> 'alpaca'"]
+    cfg = build(recipe)
+    take_derived(cfg, str(out))
+    assert cfg.data.template == "alpaca"
+    write_run_file(str(out), recipe)
+    assert run_template(str(out)) == read_recipe(str(out))["data"]["template"] == "alpaca"
+    ids = encode_chat(_messages(None, TURNS), tok, cfg.data.template)[0]
+    assert ids == tok(_lf_encode_text(None, TURNS), add_special_tokens=False)["input_ids"]
+
+
+def test_a_run_recorded_with_alpaca_v0_resumes_with_it_under_alpaca(tmp_path):
+    """A run begun now whose recipe named alpaca_v0, resumed with alpaca: recipe_changes names no change (the two
+    are one), so it must go on with alpaca_v0, as it trained, not switch to LLaMA-Factory's unnamed."""
+    out, recipe = _run_folder(tmp_path, marked=True)
+    v0 = {**recipe, "data": {**recipe["data"], "template": "alpaca_v0"}}
+    (out / "run.yaml").write_text(yaml.safe_dump(v0), encoding="utf-8")
+    assert recipe_changes(old_run_data(read_recipe(str(out)), str(out))[0], recipe) == []
+    cfg = build(recipe)
+    take_derived(cfg, str(out))
+    assert cfg.data.template == "alpaca_v0"
+
+
+def test_a_ppo_or_grpo_overwrite_killed_mid_run_is_not_put_back_over(tmp_path, capsys):
+    """PPO and GRPO keep the old run aside until they end (no first-step callback): one killed at step 400 of 500
+    (no checkpoint yet) holds its log_history.jsonl with 400 rows, which the next lock deleted, putting the old run
+    back. Now the folder holding more than a run's start is left, the old run named where it is."""
+    from deltatune.train.runfolder import RunLock
+
+    run = tmp_path / "run"
+    _old_run(run)
+    _killed_overwrite(run, started=False)
+    (run / "log_history.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    RunLock(str(run)).acquire().release()
+    assert (run / "log_history.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'
+    assert (tmp_path / f".run.replaced-{os.getpid()}" / "checkpoint-4").is_dir()
+    assert f".run.replaced-{os.getpid()}" in capsys.readouterr().err
+
+
+def test_a_killed_start_with_its_empty_log_and_tensorboard_folder_is_put_back_over(tmp_path):
+    """What a run writes before its first step (an empty log_history.jsonl, TensorBoard's runs/) is its start."""
+    from deltatune.train.runfolder import RunLock
+
+    run = tmp_path / "run"
+    files = _old_run(run)
+    _killed_overwrite(run, started=False)
+    (run / "log_history.jsonl").write_text("")
+    (run / "runs" / "Dec08").mkdir(parents=True)
+    RunLock(str(run)).acquire().release()
+    assert {n: (run / n).read_bytes() for n in files} == files
+
+
+def test_a_put_back_that_fails_releases_the_lock(tmp_path, monkeypatch):
+    """An error inside the put-back escaped acquire with the lock held (train takes it outside its try)."""
+    import shutil
+
+    from deltatune.train.runfolder import RunLock
+
+    run = tmp_path / "run"
+    _old_run(run)
+    _killed_overwrite(run, started=False)
+
+    def boom(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(shutil, "rmtree", boom)
+    lock = RunLock(str(run))
+    with pytest.raises(PermissionError):
+        lock.acquire()
+    assert not lock.held and not (tmp_path / ".run.lock").exists()
+
+
+def test_an_out_linking_to_nothing_is_refused_before_the_work(tmp_path, monkeypatch):
+    """merge / export --out onto a dangling link: staging_folder let it by and publish_folder failed after the work
+    with NotADirectoryError. Now one line before: a relative target also shown as the path it names; a loop of
+    links named as a loop (it read as "does not exist")."""
+    from deltatune.config import ConfigError
+    from deltatune.train.runfolder import check_output_path
+    from deltatune.train.staging import staging_folder
+
+    monkeypatch.chdir(tmp_path)
+    os.symlink("nowhere", "out")
+    with pytest.raises(ConfigError, match=r"^--out 'out' is a link to 'nowhere' \(.*/nowhere\), which does not exist"):
+        staging_folder("out", True).__enter__()
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # (no staging folder left)
+    os.symlink("b", "a")
+    os.symlink("a", "b")
+    with pytest.raises(ConfigError, match=r"^output\.dir 'a' is a link to 'b', a loop of links"):
+        check_output_path("a")

@@ -25,9 +25,9 @@ from typing import Any
 
 from ..config import ConfigError
 from ..files import process_alive as _alive
+from .runs import ALPACA_MARK, OLD_ALPACA, add_mark, mark_run, trained_template  # noqa: F401  (run)
 from .runs import MARKS_FILE as MARKS  # noqa: F401  (run_load; the marks are runs.py's)
-from .runs import OLD_ALPACA, mark_run, trained_template  # noqa: F401  (run)
-from .staging import _sibling, check_apart, publish_folder, staging_folder  # noqa: F401  (run, cli)
+from .staging import _sibling, check_apart, check_link, publish_folder, staging_folder  # noqa: F401  (run, cli)
 
 FINISHED_FILE = "metrics.json"  # written last by a run that completed
 STOPPED_FILE = "stopped.json"  # why a run ended early (train's); the board's STOPPED_FILE
@@ -73,7 +73,11 @@ class RunLock:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(me)
             self.held = True
-            _put_back(self.folder)
+            try:
+                _put_back(self.folder)
+            except BaseException:  # (the lock is not left held by a command that failed to take the folder)
+                self.release()
+                raise
             return self
         raise ConfigError(f"output.dir {self.folder!r} is locked by {self.path} and the lock could not be taken")
 
@@ -151,10 +155,17 @@ class RunLock:
 def _put_back(folder: str) -> None:
     """Under ``folder``'s lock: the old run an ``--overwrite`` killed before its first step (kill -9, the OOM killer:
     no ``Replacement.failed()`` ran) left aside (``.<name>.replaced-<pid>``, the one there) put back in place of
-    the new run's start (no checkpoint written), as ``failed()`` would have; a note says so."""
+    the new run's start, as ``failed()`` would have; a note says so. Only over what a run writes before its first
+    step (``_START``): PPO and GRPO keep the old run aside until they end, and one killed at step 400 of 500 holds its
+    log; the old run is then named, not put back."""
     parent, name = os.path.split(_sibling(folder, "replaced-"))
     aside = [n for n in os.listdir(parent) if n.startswith(name) and n[len(name) :].isdecimal()]
     if len(aside) != 1 or _has_checkpoint(folder) or os.path.isfile(os.path.join(folder, FINISHED_FILE)):
+        return
+    kept = [n for n in (os.listdir(folder) if os.path.isdir(folder) else []) if not _start_file(folder, n)]
+    if kept:
+        print(f"deltatune: note: {folder!r} holds a run an --overwrite began ({', '.join(sorted(kept)[:3])}); the run "
+              f"it replaced is still beside it, in {os.path.join(parent, aside[0])!r}", file=sys.stderr)  # fmt: skip
         return
     if os.path.isdir(folder):
         shutil.rmtree(folder)
@@ -163,15 +174,22 @@ def _put_back(folder: str) -> None:
           f"moved aside ({aside[0]})", file=sys.stderr)  # fmt: skip
 
 
+_START = {"run.yaml", MARKS, MARKS + ".tmp", STOPPED_FILE, "runs"}
+"""What a run writes in its folder before its first step: run.yaml, its marks, a stop's note, TensorBoard's ``runs``
+(the Trainer's logger opens it as training begins), and an empty log_history.jsonl (PPO's and GRPO's, at their
+start)."""
+
+
+def _start_file(folder: str, name: str) -> bool:
+    path = os.path.join(folder, name)
+    return name in _START or name == "log_history.jsonl" and os.path.isfile(path) and not os.path.getsize(path)
+
+
 def check_output_path(folder: str) -> None:
     """``output.dir`` must be a folder (or not exist yet); a file there is named instead of a traceback later."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ConfigError(f"output.dir {folder!r} is a file, not a folder; choose another output.dir")
-    if os.path.islink(folder) and not os.path.exists(folder):  # (the run made no folder there: after every load)
-        raise ConfigError(
-            f"output.dir {folder!r} is a link to {os.readlink(folder)!r}, which does not exist; create that folder "
-            "or choose another output.dir"
-        )
+    check_link(folder, "output.dir")  # (the run made no folder there: after every load)
     parent = os.path.dirname(os.path.abspath(folder))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -473,8 +491,10 @@ def take_derived(cfg: Any, folder: str) -> list[str]:
     recorded, so the resumed run has what it began with (the classes of a run trained on labels {1, 2} before
     they were sorted into two classes: its head has three rows, and its recorded ``data.labels`` say which).
     Returns the keys set; data.template alpaca is set to the alpaca the run trained with (``runs.trained_template``:
-    alpaca_v0 in a folder begun before the ``alpaca_system`` mark). A run.yaml that does not read is left to the
-    recipe comparison to refuse."""
+    alpaca_v0 in a folder begun before the ``alpaca_system`` mark) where run.yaml records alpaca (or alpaca_v0); a
+    run that trained another template, resumed into alpaca (``--resume-changed``), trains LLaMA-Factory's and its
+    folder gains the mark, so what reads its run.yaml afterwards reads that alpaca. A run.yaml that does not read is
+    left to the recipe comparison to refuse."""
     import yaml
 
     from .runs import RUN_FILE
@@ -486,9 +506,12 @@ def take_derived(cfg: Any, folder: str) -> list[str]:
         return []
     if not isinstance(old, dict):
         return []
-    taken = []
-    if trained_template(cfg.data.template, folder) != cfg.data.template:  # (alpaca begun unmarked: as it trained)
-        cfg.data.template, taken = OLD_ALPACA, ["data.template"]
+    taken, recorded = [], old.get("data").get("template") if isinstance(old.get("data"), dict) else None
+    if cfg.data.template == "alpaca" and (recorded == OLD_ALPACA or trained_template("alpaca", folder) != "alpaca"):
+        if recorded in ("alpaca", OLD_ALPACA):  # the alpaca it trained with (recipe_changes: no change)
+            cfg.data.template, taken = OLD_ALPACA, ["data.template"]
+        else:  # --resume-changed into alpaca: LLaMA-Factory's from here on, as run.yaml will say it
+            add_mark(folder, ALPACA_MARK, 1)
     for key in sorted(DERIVED):
         section, name = key.split(".")
         recorded = old.get(section).get(name) if isinstance(old.get(section), dict) else None

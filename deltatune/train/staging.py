@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from collections.abc import Iterator
@@ -19,15 +20,41 @@ def _sibling(folder: str, tag: str) -> str:
     return os.path.join(parent, f".{name}.{tag}")
 
 
+def check_link(path: str, name: str) -> None:
+    """Refuse ``path`` (the output ``name``: output.dir, --out) where it is a link that leads to nothing: its target
+    missing (shown as the link reads it and, where relative, as the path it names), or a loop of links. Such a path
+    is no file and no folder to ``os.path.exists``, and failed only after the work, creating the folder.
+
+    Raises:
+        ConfigError: naming the link and its target.
+    """
+    if not os.path.islink(path) or os.path.exists(path):
+        return
+    try:
+        os.stat(path)
+    except OSError as exc:
+        target = os.readlink(path)
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(
+                f"{name} {path!r} is a link to {target!r}, a loop of links; choose another {name}"
+            ) from None
+        shown = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), target))
+        where = repr(target) if shown == target else f"{target!r} ({shown})"
+        raise ConfigError(
+            f"{name} {path!r} is a link to {where}, which does not exist; create that folder or choose another {name}"
+        ) from None
+
+
 @contextlib.contextmanager
 def staging_folder(out: str, overwrite: bool) -> Iterator[str]:
     """A fresh hidden folder beside ``out`` to write into; removed whatever happens, unless published.
 
     Raises:
-        ConfigError: ``out`` is a file, or a folder holding files and ``overwrite`` is not set.
+        ConfigError: ``out`` is a file, a link to nothing, or a folder holding files and ``overwrite`` is not set.
     """
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out!r} is a file, not a folder")
+    check_link(out, "--out")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ConfigError(f"--out {out!r} already holds files; pass --overwrite to replace them, or choose another")
     staging = _sibling(out, f"staging-{os.getpid()}")
