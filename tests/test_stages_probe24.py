@@ -4,6 +4,7 @@ image rows."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import torch
@@ -122,26 +123,170 @@ def test_eval_of_a_plain_adapter_routes_image_rows_by_the_columns_the_overrides_
     assert raw["stage"] != "image_cls"
 
 
-def test_a_roberta_or_gpt2_base_reads_its_words_as_run_ner_does_with_add_prefix_space(tmp_path):
-    # run_ner loads a bloom / gpt2 / roberta / deberta model's tokenizer with add_prefix_space=True (RoBERTa's
-    # tokenizer then sets its ByteLevel pre-tokenizer's add_prefix_space): the first word is "ĠEU", as every other
-    # word. Before, deltatune read the words from the text without it: "EU", the first word of every row otherwise.
-    import copy
+def _byte_level_folder(path, config, tokenizer_class="RobertaTokenizer"):
+    """A tiny byte-level BPE model folder (vocab.json, merges.txt; ``tokenizer_class`` in tokenizer_config.json):
+    "ĠEU" and "EU" are tokens, so the prefix space shows in the ids."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    from tokenizers import pre_tokenizers
+    path.mkdir()
+    chars = list(bytes_to_unicode().values())
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>", *chars, "ĠE", "ĠEU", "EU"])}
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\nĠ E\nĠE U\nE U\n")
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": tokenizer_class}))
+    config.save_pretrained(path)
+    return str(path)
+
+
+def _roberta(tmp_path, name="roberta"):
     from transformers import RobertaConfig
+
+    config = RobertaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=37)  # fmt: skip
+    return _byte_level_folder(tmp_path / name, config)
+
+
+def test_a_roberta_base_reads_its_words_as_run_ner_does_and_the_run_saves_that_tokenizer(tmp_path):
+    # run_ner: AutoTokenizer.from_pretrained(d, add_prefix_space=True) for a roberta model, then its
+    # tokenize_and_align_labels: the first word is "ĠEU", as every other word. The run saves that tokenizer (run_ner
+    # saves its own): before, the folder's tokenizer read "EU" (add_prefix_space false), not as the run trained.
+    from deltatune.train.models import load_tokenizer
+
+    folder = _roberta(tmp_path)
+    tok = load_tokenizer(folder)  # (as deltatune loads a base: no add_prefix_space)
+    prepared = prepare_tag(_tag_cfg(tmp_path, ROWS, folder), tok)
+    reference = AutoTokenizer.from_pretrained(folder, add_prefix_space=True)
+    label_to_id = {t: i for i, t in enumerate(prepared.labels)}
+    ids, labels = _run_ner(reference, ROWS, prepared.labels, label_to_id)
+    assert reference.convert_ids_to_tokens(ids[0])[1] == "ĠEU"
+    assert [ex["input_ids"] for ex in prepared.train] == ids
+    assert [ex["labels"] for ex in prepared.train] == labels
+    tok.save_pretrained(tmp_path / "run")  # (run.py saves the tokenizer prepare read with)
+    reference.save_pretrained(tmp_path / "run_ner")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "run")
+    assert _run_ner(saved, ROWS, prepared.labels, label_to_id) == (ids, labels)
+    ours, theirs = (json.loads((tmp_path / d / "tokenizer.json").read_text()) for d in ("run", "run_ner"))
+    for key in ("pre_tokenizer", "post_processor", "model", "decoder"):  # (truncation: the last call's)
+        assert ours[key] == theirs[key]
+    ours, theirs = (json.loads((tmp_path / d / "tokenizer_config.json").read_text()) for d in ("run", "run_ner"))
+    assert ours["add_prefix_space"] is theirs["add_prefix_space"] is True
+
+
+def test_a_gpt2_base_with_a_tokenizers_backend_tokenizer_reads_as_run_ner_does_without_the_prefix_space(tmp_path):
+    # transformers 5's TokenizersBackend (bloom's tokenizer, or a gpt2 model whose tokenizer_config names
+    # PreTrainedTokenizerFast) ignores run_ner's add_prefix_space=True: "EU". Before, deltatune added the space.
+    from transformers import GPT2Config
+
+    folder = _byte_level_folder(tmp_path / "g", GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=4),
+                                "GPT2Tokenizer")  # fmt: skip
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)  # (its tokenizer.json, read by the backend)
+    (tmp_path / "g" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    tok = AutoTokenizer.from_pretrained(folder)
+    reference = AutoTokenizer.from_pretrained(folder, add_prefix_space=True)
+    assert type(reference).__name__ == "TokenizersBackend"
+    tok.pad_token = "<pad>"
+    prepared = prepare_tag(_tag_cfg(tmp_path, ROWS, folder), tok)
+    ids, _ = _run_ner(reference, ROWS, prepared.labels, {t: i for i, t in enumerate(prepared.labels)})
+    assert reference.convert_ids_to_tokens(ids[0])[0] == "EU"
+    assert (
+        prepared.train[0]["input_ids"][0] == ids[0][0]
+    )  # (the later words: read from the text, _splits_words_as_text)
+    ours, theirs = (
+        json.loads(t.backend_tokenizer.to_str()) for t in (tok, reference)
+    )  # (truncation: the last call's)
+    assert (ours["pre_tokenizer"], ours["post_processor"]) == (theirs["pre_tokenizer"], theirs["post_processor"])
+
+
+def test_a_llama_base_reads_its_words_unchanged(tmp_path):
+    # run_ner loads a llama model's tokenizer as it is: deltatune's ids are its tokenize_and_align_labels'
+    from transformers import LlamaConfig
 
     from tests.tiny import smollm2_tokenizer
 
-    tok = smollm2_tokenizer()  # (a byte-level BPE, as GPT-2's and RoBERTa's, loaded without the prefix space)
-    RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                  intermediate_size=37).save_pretrained(tmp_path / "roberta")  # fmt: skip
-    prepared = prepare_tag(_tag_cfg(tmp_path, ROWS, str(tmp_path / "roberta")), tok)
+    tok = smollm2_tokenizer()
+    LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                intermediate_size=37).save_pretrained(tmp_path / "llama")  # fmt: skip
     reference = copy.deepcopy(tok)
-    reference.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    label_to_id = {t: i for i, t in enumerate(prepared.labels)}
-    ids, labels = _run_ner(reference, ROWS, prepared.labels, label_to_id)
-    assert reference.convert_ids_to_tokens(ids[0])[0] == "ĠEU"
-    assert [ex["input_ids"] for ex in prepared.train] == ids
-    assert [ex["labels"] for ex in prepared.train] == labels
-    assert tok.backend_tokenizer.pre_tokenizer.add_prefix_space is False  # (the run's tokenizer left as it was)
+    prepared = prepare_tag(_tag_cfg(tmp_path, ROWS, str(tmp_path / "llama")), tok)
+    assert tok.backend_tokenizer.to_str() == reference.backend_tokenizer.to_str()
+    assert tok.init_kwargs == reference.init_kwargs
+    assert [ex["input_ids"] for ex in prepared.train] == [
+        ex["input_ids"] for ex in _encoded(reference, prepared, tmp_path)
+    ]
+
+
+def _encoded(tok, prepared, tmp_path):
+    """The rows as the tag stage encodes them with ``tok`` as it is (what a run begun before the prefix space read)."""
+    from deltatune.data.load import read_rows
+    from deltatune.data.tasks import encode_tag
+
+    mapping = {t: i for i, t in enumerate(prepared.labels)}
+    return encode_tag(read_rows(str(tmp_path / "tags.jsonl")), tok, "tokens", "ner_tags", mapping, 512).examples
+
+
+def _run_folder(tmp_path, base, marked):
+    """A tag run folder as deltatune train leaves it: run.yaml, the base's tokenizer as loaded, and the marks of
+    today's runs (``marked``) or of a run begun before the prefix space (theirs then, no tag_prefix_space)."""
+    from deltatune.train.runs import mark_run
+
+    run = tmp_path / ("new" if marked else "old")
+    run.mkdir()
+    (run / "run.yaml").write_text("stage: tag\n")
+    (run / "checkpoint-10").mkdir()
+    if marked:
+        mark_run(str(run))
+    else:
+        (run / "deltatune_marks.json").write_text(json.dumps({"quant_skip_rule": 2, "alpaca_system": 1}))
+    AutoTokenizer.from_pretrained(base).save_pretrained(run)
+    return str(run)
+
+
+def test_a_run_begun_before_the_prefix_space_evaluates_and_resumes_with_the_ids_it_trained_with(tmp_path):
+    # an unmarked roberta tag run trained on "EU" (its saved tokenizer reads so): deltatune eval (its tokenizer
+    # from the run folder) and --resume (output.dir the run, trained_run set) encode as it trained. Before, both
+    # added the prefix space: the reviewer's old run evaluated to eval_loss 0.52540 where it trained 0.52447.
+    from deltatune.train.models import load_tokenizer
+
+    base = _roberta(tmp_path)
+    old = _run_folder(tmp_path, base, marked=False)
+    plain = AutoTokenizer.from_pretrained(base)  # (what the old run trained with)
+    for folder, run_dir in ((old, None), (base, old)):  # eval's tokenizer; a resume's (the base's) into the folder
+        cfg = _tag_cfg(tmp_path, ROWS, base)
+        if run_dir:
+            cfg.output.dir, cfg.trained_run = run_dir, True
+        prepared = prepare_tag(cfg, load_tokenizer(folder))
+        ids = [ex["input_ids"] for ex in _encoded(plain, prepared, tmp_path)]
+        assert plain.convert_ids_to_tokens(ids[0])[1] == "EU"
+        assert [ex["input_ids"] for ex in prepared.train] == ids
+
+    # a run begun now (marked) resumes with the prefix space; a fresh run into an old folder (--overwrite) too
+    new = _run_folder(tmp_path, base, marked=True)
+    reference = AutoTokenizer.from_pretrained(base, add_prefix_space=True)
+    for run_dir, resumed in ((new, True), (old, False)):
+        cfg = _tag_cfg(tmp_path, ROWS, base)
+        cfg.output.dir = run_dir
+        if resumed:
+            cfg.trained_run = True
+        prepared = prepare_tag(cfg, load_tokenizer(base))
+        ids, _ = _run_ner(reference, ROWS, prepared.labels, {t: i for i, t in enumerate(prepared.labels)})
+        assert [ex["input_ids"] for ex in prepared.train] == ids
+
+
+def test_the_tag_base_config_is_read_at_model_revision(tmp_path, monkeypatch):
+    # the model, tokenizer and processor load at model.revision (fcfed8f): the config tag reads its model type and
+    # head order from loads there too. Before, it read the main revision's.
+    import transformers
+
+    from deltatune.train.tag import _base_config
+
+    asked = {}
+
+    def from_pretrained(name, **kwargs):
+        asked.update(kwargs, name=name)
+        raise OSError("offline")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+    cfg = build({"stage": "tag", "model": {"name_or_path": "org/ner-model", "revision": "v2"},
+                 "data": {"train": str(tmp_path / "x.jsonl")}})  # fmt: skip
+    assert _base_config(cfg) is None
+    assert asked["revision"] == "v2" and asked["name"] == "org/ner-model"

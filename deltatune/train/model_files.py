@@ -153,3 +153,18 @@ def folder_problem(path: str) -> tuple[str, str] | None:
     if index and (problem := index_problem(os.path.join(path, index))):
         return index, problem
     return None
+
+
+def base_config(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
+    """The base model's config (``model.name_or_path`` at ``model.revision``), read as the model loader reads it;
+    None where it does not load (the model loader names the problem)."""
+    from transformers import AutoConfig
+
+    from ..config import ConfigError
+    from .embedded import resolve  # (models.resolve_path; models imports caption, which imports the stage table)
+
+    try:
+        hub = {"revision": revision} if revision is not None else {}
+        return AutoConfig.from_pretrained(resolve(name_or_path), trust_remote_code=trust_remote_code, **hub)
+    except (OSError, ValueError, ConfigError):  # (an embedded model not installed: its loader says so)
+        return None

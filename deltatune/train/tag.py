@@ -25,43 +25,65 @@ def _bio_labels(tags: list) -> list[str]:
 
 
 def _base_config(cfg: RunConfig):
-    """The base model's config; None where it does not load (the model loader names the problem)."""
-    from transformers import AutoConfig
+    """The base model's config at its model.revision; None where it does not load (the model loader names it)."""
+    from .model_files import base_config
 
-    from .embedded import resolve  # (models.resolve_path; models imports caption, which imports the stage table)
-
-    try:
-        return AutoConfig.from_pretrained(
-            resolve(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
-        )
-    except (OSError, ValueError, ConfigError):  # (an embedded model not installed: its loader says so)
-        return None
+    m = cfg.model
+    return base_config(m.name_or_path, m.trust_remote_code, m.revision)
 
 
-# run_ner loads these models' tokenizers with add_prefix_space=True (their byte-level BPE then reads each word as
-# it reads it after a space, the first word too)
 PREFIX_SPACE_TYPES = ("bloom", "gpt2", "roberta", "deberta")
+"""The model types whose tokenizer run_ner loads with ``add_prefix_space=True``. It has an effect only where the
+tokenizer's class takes the argument and builds its byte-level pre-tokenizer from it (transformers 5's
+GPT2Tokenizer, RobertaTokenizer, DebertaTokenizer): a TokenizersBackend (bloom's, and a gpt2 model's whose
+tokenizer_config names no such class) keeps its tokenizer.json's pre-tokenizer, so run_ner reads the words as it
+does without."""
 
 
-def _prefix_space(tok, config):
-    """``tok`` as run_ner loads it for ``config``'s model: for a model type of ``PREFIX_SPACE_TYPES``, a copy whose
-    byte-level pre-tokenizer adds the prefix space (what ``add_prefix_space=True`` sets in RoBERTa's and GPT-2's
-    tokenizers); before, the first word of every row was encoded without it ("EU" where run_ner has "ĠEU")."""
-    import copy
+def prefix_space(tok, config) -> bool:
+    """Set ``tok`` (in place) as run_ner loads it for ``config``'s model with ``add_prefix_space=True``: its ByteLevel
+    pre-tokenizer (and RoBERTa's post-processor) with the prefix space, ``add_prefix_space`` true in what it saves,
+    so the run's folder and a merged model encode as the run trained (run_ner saves its tokenizer so). Returns
+    whether it applies (``PREFIX_SPACE_TYPES``, a class that takes the argument, a ByteLevel pre-tokenizer)."""
+    import inspect
+    import json
 
-    from tokenizers import pre_tokenizers
+    from tokenizers import pre_tokenizers, processors
 
     backend = getattr(tok, "backend_tokenizer", None)
     pre = getattr(backend, "pre_tokenizer", None)
-    if getattr(config, "model_type", None) not in PREFIX_SPACE_TYPES or not isinstance(pre, pre_tokenizers.ByteLevel):
-        return tok
-    if pre.add_prefix_space:
-        return tok
-    tok = copy.deepcopy(tok)
-    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(
-        add_prefix_space=True, trim_offsets=pre.trim_offsets, use_regex=pre.use_regex
+    if (
+        getattr(config, "model_type", None) not in PREFIX_SPACE_TYPES
+        or "add_prefix_space" not in inspect.signature(type(tok).__init__).parameters
+        or not isinstance(pre, pre_tokenizers.ByteLevel)
+    ):
+        return False
+    if not pre.add_prefix_space:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(
+            add_prefix_space=True, trim_offsets=pre.trim_offsets, use_regex=pre.use_regex
+        )
+    post = json.loads(backend.to_str()).get("post_processor") or {}
+    if post.get("type") == "RobertaProcessing" and not post.get("add_prefix_space"):  # (RobertaTokenizer's __init__)
+        backend.post_processor = processors.RobertaProcessing(
+            tuple(post["sep"]), tuple(post["cls"]), trim_offsets=post["trim_offsets"], add_prefix_space=True
+        )
+    tok.add_prefix_space = True
+    tok.init_kwargs["add_prefix_space"] = True  # (tokenizer_config.json's, as run_ner's saved tokenizer has it)
+    return True
+
+
+def _trained_without_prefix_space(cfg: RunConfig, tok) -> bool:
+    """Whether this repeats a run begun before it read the words with the prefix space (no ``tag_prefix_space``
+    mark): ``deltatune eval``'s, whose tokenizer is the run folder's, or a ``--resume``'s (``output.dir``; run sets
+    ``trained_run`` on a resume only). That run evaluates and resumes with the token ids it trained with."""
+    import os
+
+    from .runs import prefix_space_trained, run_folder
+
+    folders = [getattr(tok, "name_or_path", None), cfg.output.dir if "trained_run" in vars(cfg) else None]
+    return any(
+        isinstance(f, str) and os.path.isdir(f) and run_folder(f) and not prefix_space_trained(f) for f in folders
     )
-    return tok
 
 
 def _model_tags(config) -> list[str] | None:
@@ -103,7 +125,8 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
     train_rows, eval_rows = _rows(cfg)
     d = cfg.data
     base = _base_config(cfg)
-    tok = _prefix_space(tok, base)
+    if not _trained_without_prefix_space(cfg, tok):
+        prefix_space(tok, base)  # (in place: the run saves this tokenizer)
     _refuse_bool_tags([*train_rows, *(eval_rows or [])], d.tags_column)
     if d.labels:
         at = next((i for i, x in enumerate(d.labels) if not isinstance(x, str) or not x), None)
