@@ -356,10 +356,10 @@ def _train(
     # Everything is checked: from here on the folder changes (the old run moved aside, the new one written).
     replacement.begin()
     try:
+        if trainer.is_world_process_zero() and checkpoint is None:  # (a resumed run keeps its marks, or none;
+            mark_run(out)  # first: a kill before run.yaml leaves no run that reads as an old one)
         if trainer.is_world_process_zero() and write_recipe:  # (a seq2seq run's marked: read as written)
             write_run_file(out, recipe)
-        if trainer.is_world_process_zero() and checkpoint is None:  # (a resumed run keeps its marks, or none)
-            mark_run(out)
         result = trainer.train(resume_from_checkpoint=checkpoint)
         replacement.started()  # a run of zero steps has started too
     except BaseException:
@@ -464,11 +464,11 @@ def _run_loop(
     replacement.begin()
     recipe = _recipe_dict(cfg)
     try:
+        if checkpoint is None:  # (a resumed run keeps its marks, or none; before run.yaml, as the Trainer stages')
+            mark_run(out)
         if write_recipe:
             with open(os.path.join(out, RUN_FILE), "w", encoding="utf-8") as fh:
                 yaml.safe_dump(recipe, fh, sort_keys=False)
-        if checkpoint is None:  # (a resumed run keeps its marks, or none)
-            mark_run(out)
         # Only a resumed run passes the checkpoint: loops that write none keep their three-argument signature.
         metrics, history = prepared.loop(delta, tok, cfg, checkpoint) if checkpoint else prepared.loop(delta, tok, cfg)
         replacement.started()
