@@ -196,17 +196,11 @@ def _dump(record: dict, path: str) -> None:
 
 
 def _config(cfg: RunConfig):
-    """The model's config; None where it does not load (the model loader names the problem)."""
-    from transformers import AutoConfig
+    """The model's config at model.revision; None where it does not load (the model loader names the problem)."""
+    from .model_files import base_config
 
-    from .embedded import resolve  # models.resolve_path (models imports caption, which imports this module)
-
-    try:
-        return AutoConfig.from_pretrained(
-            resolve(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
-        )
-    except (OSError, ValueError):
-        return None
+    m = cfg.model
+    return base_config(m.name_or_path, m.trust_remote_code, m.revision)
 
 
 def heads(config) -> list[str]:
