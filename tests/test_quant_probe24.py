@@ -131,10 +131,13 @@ def test_safe_merge_on_a_bnb_base_merges_once(saved, kind):
 @wired
 @pytest.mark.parametrize("kind", ["8bit", "nf4"])
 def test_a_nan_adapter_refused_by_safe_merge_leaves_the_bnb_layers(saved, kind):
+    """Refused after a forward (a 4-bit W repacked by then): the layer put back computes exactly as before."""
     _, ours = _pair(saved, kind)
     inputs = tiny_inputs("llama")
-    before = _logits(ours, inputs)
     layer = ours.get_base_model().model.layers[1].mlp.down_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight[0, 0] = 0.0
+    before = _logits(ours, inputs)
     base = layer.base_layer
     with torch.no_grad():
         layer.lora_B["default"].weight[0, 0] = float("nan")
@@ -143,7 +146,7 @@ def test_a_nan_adapter_refused_by_safe_merge_leaves_the_bnb_layers(saved, kind):
     assert layer.base_layer is base and not layer.merged_adapters
     with torch.no_grad():
         layer.lora_B["default"].weight[0, 0] = 0.0
-    assert (_logits(ours, inputs) - before).abs().max().item() < 1.0  # (the nan row zeroed: the rest unchanged)
+    assert torch.equal(_logits(ours, inputs), before)
     assert all(not m.merged_adapters for m in ours.get_base_model().modules() if hasattr(m, "merged_adapters"))
 
 
@@ -163,6 +166,49 @@ def test_merge_after_a_forward_reads_a_repacked_4bit_weight_as_it_computes(saved
         theirs2.merge_adapter()  # peft's merge on W as loaded: its rounding is the tolerance
     tolerance = (_logits(theirs2, inputs) - before).abs().max().item()
     assert (_logits(ours, inputs) - before).abs().max().item() <= 2 * tolerance
+
+
+# -- review 24, bug 1: reading a repacked 4-bit W (bitsandbytes' inverse) marked its quant state "not packed" while its
+# bytes stayed packed: every later forward, merge or DoRA norm read them wrong ------------------------------------------
+def test_reading_a_repacked_4bit_weight_leaves_the_layer_computing_as_before(saved):
+    from deltatune.methods import _dora_layers, _quant_inplace
+
+    q = _load(saved, "nf4").eval().model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        y0 = q(x)  # (repacks W on a CPU with AVX512-BF16)
+        w = _dora_layers.base_weight(q).clone()
+        assert torch.equal(_quant_inplace._dequantized(q, "4bit", torch.float32), w)
+        assert torch.equal(q(x), y0)
+        assert torch.equal(_dora_layers.base_weight(q), w)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_safe_merge_after_a_forward_equals_merge_after_a_forward(saved, kind):
+    inputs = tiny_inputs("llama")
+    _, ours = _pair(saved, kind)
+    _, other = _pair(saved, kind)
+    _logits(ours, inputs), _logits(other, inputs)
+    ours.merge_adapter(safe_merge=True)
+    other.merge_adapter()
+    assert torch.equal(_logits(ours, inputs), _logits(other, inputs))
+
+
+def test_dora_on_a_bnb_4bit_base_computes_alike_forward_after_forward_as_peft(saved):
+    theirs, ours = _pair(saved, "nf4", use_dora=True)
+    for name, layer in ours.get_base_model().named_modules():
+        if hasattr(layer, "lora_magnitude_vector") and "default" in layer.lora_magnitude_vector:
+            src = theirs.get_base_model().get_submodule(name).lora_magnitude_vector["default"].weight
+            dst = layer.lora_magnitude_vector["default"]
+            with torch.no_grad():
+                (dst if isinstance(dst, torch.Tensor) else dst.weight).copy_(src)
+    inputs = tiny_inputs("llama")
+    # peft in train mode (dropout 0): W never repacked, which peft's DoRA norm would read as plain bytes on this CPU
+    reference, trained = _logits(theirs.train(), inputs), _logits(ours.train(), inputs)
+    assert (trained - reference).abs().max().item() < 1e-5
+    first = _logits(ours.eval(), inputs)  # (W repacked: its kernels 2e-3 off the unpacked matmul)
+    assert torch.equal(_logits(ours, inputs), first)  # W's norm read alike after the repack
+    assert (first - reference).abs().max().item() < 5e-3
 
 
 # -- carried fault: IA3's merge on a bnb layer was a raw shape / cast error; peft refuses ("Cannot merge ia3 layers

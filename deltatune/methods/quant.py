@@ -138,7 +138,7 @@ def _dequantize_weight(weight: torch.Tensor, backend: str) -> torch.Tensor:
     bnb = _backend("bitsandbytes")
     state = weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):  # bnb repacks CPU weights for inference; undo it to read them
-        data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
+        data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight.data, copy.copy(state))
         return bnb.functional.dequantize_4bit(data, state)
     return bnb.functional.dequantize_4bit(weight.data, state)
 
