@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 
-import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
 
@@ -291,20 +290,3 @@ def test_the_tag_base_config_is_read_at_model_revision(tmp_path, monkeypatch):
                  "data": {"train": str(tmp_path / "x.jsonl")}})  # fmt: skip
     assert _base_config(cfg) is None
     assert asked["revision"] == "v2" and asked["name"] == "org/ner-model"
-
-
-@pytest.mark.xfail(
-    strict=True, reason="the data/inspect.py and tests/test_architecture.py diffs of probe 24's tag fix"
-)
-def test_data_inspect_counts_a_tag_rows_tokens_as_the_run_reads_them(tmp_path):
-    # data inspect's tokens per row for a roberta base: run_ner's (add_prefix_space=True) word tokens, as training
-    # reads them. Before, it counted with the tokenizer as loaded, without the prefix space.
-    from deltatune.data.inspect import inspect
-
-    folder = _roberta(tmp_path)
-    path = tmp_path / "tags.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    reference = AutoTokenizer.from_pretrained(folder, add_prefix_space=True)
-    ids, _ = _run_ner(reference, ROWS, ["O"], {t: 0 for r in ROWS for t in r["ner_tags"]})
-    line = next(x for x in inspect(str(path), model=folder).splitlines() if x.startswith("tokens per row"))
-    assert line.endswith(f"max {max(len(x) for x in ids)}")
