@@ -260,7 +260,7 @@ def all_linear_names(model: nn.Module, exclude: Iterable[str] = ()) -> list[str]
 
     Unlike PEFT, not the ``out_proj`` of an ``nn.MultiheadAttention`` (SigLIP's pooling head, torchvision's ViT):
     that module reads ``out_proj.weight`` itself, so an adapter there would change nothing until merged, and then
-    change the output."""
+    change the output. Nor a router that is an ``nn.Linear`` returning a tuple (Phimoe's, Llama 4's: peft's fails)."""
     skip = set(HEAD_NAMES) | set(exclude)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
@@ -271,7 +271,7 @@ def all_linear_names(model: nn.Module, exclude: Iterable[str] = ()) -> list[str]
             continue
         while isinstance(module, DeltaLayer) and hasattr(module, "base_layer"):
             module = module.base_layer
-        if not _is_linear(module) or module is output or name in dead:
+        if not _is_linear(module) or module is output or name in dead or "Router" in type(module).__name__:
             continue
         if any(name == s or name.endswith("." + s) or f".{s}." in f".{name}." for s in skip):
             continue
@@ -396,15 +396,17 @@ def _refuse_experts(
     if not experts:
         return
     if targets == "all-linear":  # (peft adapts the routers' 2-D weights too, as target_parameters: named here)
-        routers = [n for n, m in model.named_modules() if "Router" in type(m).__name__ and not _is_linear(m)]
+        routers = [n for n, m in model.named_modules() if "Router" in type(m).__name__]
         if within is not None:  # (all-linear in some towers: the experts of the others are not asked for)
             experts, routers = [e for e in experts if within(e[0])], [n for n in routers if within(n)]
             if not experts:
                 return
+        linear = bool(routers) and _is_linear(model.get_submodule(routers[0]))  # Phimoe's, Llama 4's: a tuple out
+        kind = "nn.Linear returning a tuple, no layer to wrap" if linear else "not linear layers"
         warnings.warn(
             f"{method}: target_modules='all-linear' leaves out {experts[0][0]} and the other fused experts "
             "(3-D parameters deltatune cannot adapt)"
-            + (f" and the routers ({routers[0]}, ...: not linear layers)" if routers else "")
+            + (f" and the routers ({routers[0]}, ...: {kind})" if routers else "")
             + "; it adapts the linear layers",
             stacklevel=3,
         )
@@ -428,11 +430,15 @@ def _refuse_experts(
     elif hits or (routers and method == "lora"):
         name, module = (hits or list(routers.items()))[0]
         rest = sorted({n.rsplit(".", 1)[-1] for n in found if n not in routers})
-        what = "a 3-D parameter of {} (the fused experts)" if hits else "the router ({}: a bare 2-D weight)"
+        kind = type(module).__name__
+        what = f"a 3-D parameter of {kind} (the fused experts)" if hits else f"the router ({kind}: a bare 2-D weight)"
+        why = "which deltatune cannot adapt (peft's target_parameters)"
+        if not hits and _is_linear(module):  # Phimoe's, Llama 4's: peft 0.22 wraps them, its first forward fails
+            what = f"the router ({kind}: an nn.Linear whose forward returns a tuple)"
+            why = "which a LoRA layer cannot wrap (peft wraps it and fails at the first forward: a tuple has no dtype)"
         raise ConfigError(
-            f"{method}: target_modules={targets!r} reaches {name}, {what.format(type(module).__name__)}, which "
-            "deltatune cannot adapt (peft's target_parameters); name the other targets"
-            + (f": {rest}" if rest else " (attention: q_proj, k_proj, v_proj, o_proj)")
+            f"{method}: target_modules={targets!r} reaches {name}, {what}, {why}; "
+            "name the other targets" + (f": {rest}" if rest else " (attention: q_proj, k_proj, v_proj, o_proj)")
         )
 
 
@@ -505,9 +511,12 @@ def resolve_targets(model: nn.Module, config: Any, table: dict[str, list[str]], 
             )
     if saved := getattr(config, "modules_to_save", None):  # trained in full: never a target (peft's rule and refusal)
         names = [n for n in names if not any(re.match(rf"(^|.*\.){m}($|\..*)", n) for m in saved)]
-        if not names:
-            raise ConfigError(f"{method}: every module target_modules={targets!r} matches is in modules_to_save="
-                              f"{saved!r} (trained in full, as in peft): nothing is left to adapt")  # fmt: skip
+        said = f"{method}: every module target_modules={targets!r} matches is in modules_to_save={saved!r}"
+        if not names and not (loading or _FROM_FILE.get()):
+            raise ConfigError(f"{said} (trained in full, as in peft): nothing is left to adapt")
+        if not names:  # a file deltatune saved before 40e5442: its copies alone, as it trained (peft refuses it)
+            warnings.warn(f"{said}: the file loads its full copies alone, as it trained (peft refuses such a file; "
+                          "a new adapter with these targets is refused)", stacklevel=3)  # fmt: skip
     # A regex narrowed by layers_to_transform is saved as the names it adapts: peft refuses the pair in its config,
     # so the file would not load there
     resolved = targets == "all-linear" or (isinstance(targets, str) and layers not in (None, []))
