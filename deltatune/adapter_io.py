@@ -270,7 +270,7 @@ def load_adapter(
     config = (registry.from_pretrained(config_file) if _config is None else _config).replace(
         inference_mode=not is_trainable
     )
-    tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, torch_device, hub)
+    tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, torch_device, hub, _config is not None)
     tensors = status.remap_keys(tensors, key_mapping) if key_mapping else tensors
     if not modules_to_save:
         tensors = split_heads(tensors, config.modules_to_save, key_prefix(config))[0]

@@ -22,8 +22,10 @@ import torch
 
 from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, DeltaConfig, named_adapters_hint, read_config_file
 from .layer import ModulesToSave, unwrapped_name
-from .saves import SAVING, _host, finish_saves, remove_stale_saves
-from .saves import process_alive as process_alive  # (its users import it from here)
+from .saves import SAVING as SAVING  # (SAVING, _host, process_alive: their users import them from here)
+from .saves import _host as _host
+from .saves import finish_saves, remove_stale_saves, saving
+from .saves import process_alive as process_alive
 
 KEY_PREFIX = "base_model.model."
 """PEFT's prefix of an adapter's tensor keys: ``base_model.model.<module path>.lora_A.weight``. A config may set
@@ -421,7 +423,11 @@ def save_folder_files(save: Callable[[str], object], folder: str) -> None:
     """Run ``save(tmp)`` (a ``save_pretrained``) into a temporary folder inside ``folder``, then move each file it
     wrote into ``folder``: a failure (a full disk) leaves no half-written file there, and says so in one line."""
     os.makedirs(folder, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f"{SAVING}{os.getpid()}@{_host()}~", dir=folder)
+    with saving(folder) as tmp:  # (locked: no other save takes it over while it runs)
+        _save_folder_files(save, folder, tmp)
+
+
+def _save_folder_files(save: Callable[[str], object], folder: str, tmp: str) -> None:
     try:
         save(tmp)
         for name in os.listdir(tmp):
@@ -434,8 +440,6 @@ def save_folder_files(save: Callable[[str], object], folder: str) -> None:
         if failure is None:
             raise
         raise OSError(f"could not write into {folder}: {failure.strerror or failure}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def explain_missing_fields(exc: AdapterLoadError, config_file: str, config: object) -> AdapterLoadError:
@@ -481,12 +485,15 @@ def resolve(
     subfolder: str | None,
     revision: str | None,
     hub: dict | None = None,
+    finish: bool = True,
 ) -> str:
-    """A local file path for ``filename`` in a folder or (when reachable) a hub repo (``hub``: ``HUB_KWARGS``)."""
+    """A local file path for ``filename`` in a folder or (when reachable) a hub repo (``hub``: ``HUB_KWARGS``).
+    ``finish``: a save killed between its renames into the folder, or the one above, finished first (once a load)."""
     folder = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
     if os.path.isdir(os.fspath(model_id)):
-        finish_saves(folder)  # (a save killed between its renames: finished before a file of it is read)
-        finish_saves(os.path.dirname(os.path.abspath(folder)), os.path.basename(os.path.abspath(folder)))
+        if finish:  # (a save killed between its renames: finished before a file of it is read)
+            finish_saves(folder)
+            finish_saves(os.path.dirname(os.path.abspath(folder)), os.path.basename(os.path.abspath(folder)))
         path = os.path.join(folder, filename)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {filename} in {folder!r}{named_adapters_hint(folder)}")
@@ -514,22 +521,28 @@ def read_weights(
     allow_pickle: bool,
     device: str | torch.device | None = None,
     hub: dict | None = None,
+    finish: bool = True,
 ) -> tuple[dict[str, torch.Tensor], str]:
     """An adapter's tensors and the file they came from: safetensors, or a pickle unless ``allow_pickle`` is False;
-    read onto ``device`` (peft's ``torch_device``; None: the CPU)."""
-    tensors, path = _read_weights(model_id, subfolder, revision, allow_pickle, hub)
+    read onto ``device`` (peft's ``torch_device``; None: the CPU). ``finish``: ``resolve``'s."""
+    tensors, path = _read_weights(model_id, subfolder, revision, allow_pickle, hub, finish)
     tensors = mha_once(tensors, path)  # (a file of peft < 0.22 with MultiheadAttention: as it trained)
     return ({k: v.to(device) for k, v in tensors.items()} if device is not None else tensors), path
 
 
 def _read_weights(
-    model_id: str | os.PathLike[str], subfolder: str | None, revision: str | None, allow_pickle: bool, hub: dict | None
+    model_id: str | os.PathLike[str],
+    subfolder: str | None,
+    revision: str | None,
+    allow_pickle: bool,
+    hub: dict | None,
+    finish: bool = True,
 ) -> tuple[dict[str, torch.Tensor], str]:
     try:
-        path = resolve(model_id, WEIGHTS_NAME, subfolder, revision, hub)
+        path = resolve(model_id, WEIGHTS_NAME, subfolder, revision, hub, finish)
     except FileNotFoundError:
         try:
-            path = resolve(model_id, PICKLE_WEIGHTS_NAME, subfolder, revision, hub)
+            path = resolve(model_id, PICKLE_WEIGHTS_NAME, subfolder, revision, hub, False)
         except FileNotFoundError:
             where = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
             raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {PICKLE_WEIGHTS_NAME}) at {where!r}") from None

@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,7 @@ import torch
 
 from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
 from .files import (
-    SAVING,
     TRAINING_STATE,
-    _host,
     adapter_folder,
     atomic_write,
     embedding_copies,
@@ -29,7 +26,7 @@ from .files import (
     write_adapter,
     write_failure,
 )
-from .saves import MOVES
+from .saves import MOVES, identity, saving
 
 
 def save_adapters(
@@ -150,8 +147,8 @@ def publish(save_directory: str, folders: dict[str, str], write: Callable[[str, 
     """
     os.makedirs(save_directory, exist_ok=True)
     refuse_read_only([save_directory, *folders.values()])
-    with tempfile.TemporaryDirectory(prefix=f"{SAVING}{os.getpid()}@{_host()}~", dir=save_directory) as tmp:
-        remove_stale_saves(os.fspath(save_directory))  # (ours stays: this process is alive)
+    with saving(save_directory) as tmp:  # (locked while this save runs: no load or save takes it over)
+        remove_stale_saves(os.fspath(save_directory))  # (ours stays: its lock is held)
         for name, folder in folders.items():
             staged = os.path.join(tmp, name)
             try:
@@ -177,8 +174,9 @@ def move_in(tmp: str, folders: dict[str, str]) -> None:
     not tell) puts back every file already moved, removes the folders it made, and is raised as one line naming
     the destination file (errno kept). An earlier file that cannot be put back is not lost: it is kept beside its
     destination as ``<file>.before-save`` (``keep_beside``) and the error names it. The files are moved one rename
-    each, once the list of them (``saves.MOVES``) is written: a SIGKILL between two is finished by the next load or
-    save (``saves.finish_saves``).
+    each, once the list of them (``saves.MOVES``, with each destination's identity before and after) is written: a
+    SIGKILL between two is finished by the next load or save where the files are as the kill left them
+    (``saves.finish_saves``; an adapter written since is left as it is).
     """
     aside = os.path.join(tmp, ".before")  # (no adapter is named so: names hold no '.')
     os.makedirs(aside)
@@ -186,8 +184,10 @@ def move_in(tmp: str, folders: dict[str, str]) -> None:
     for name, folder in folders.items():
         staged = os.listdir(os.path.join(tmp, name))
         gone = [TRAINING_STATE] + ([WEIGHTS_NAME] if PICKLE_WEIGHTS_NAME in staged else [])
-        moves[name] = {"folder": os.path.relpath(folder, os.path.dirname(tmp)), "files": staged,
-                       "gone": [f for f in gone if f not in staged]}  # fmt: skip
+        gone = [f for f in gone if f not in staged]  # (identities: a finisher moves only over files as they were)
+        moves[name] = {"folder": os.path.relpath(folder, os.path.dirname(tmp)), "files": staged, "gone": gone,
+                       "old": {f: identity(os.path.join(folder, f)) for f in staged + gone},
+                       "new": {f: identity(os.path.join(tmp, name, f)) for f in staged}}  # fmt: skip
     text = json.dumps(moves)
     atomic_write(os.path.join(tmp, MOVES), lambda f: Path(f).write_text(text, encoding="utf-8"))
     done: list[tuple[str, str | None]] = []  # (destination, its earlier file kept aside, or None: there was none)
