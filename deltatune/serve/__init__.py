@@ -68,8 +68,11 @@ def build_engine(
     name = model or (base_model_of(next(iter(adapters.values()))) if adapters else None)
     if not name:
         raise ConfigError("no base model: pass --model (the first adapter does not record one)")
-    tok = load_tokenizer(name)
-    base = load_model(name, "CAUSAL_LM", dtype=dtype, pad_token_id=tok.pad_token_id)
+    revision, attn = _recorded_load(next(iter(adapters.values())), model) if adapters else (None, None)
+    tok = load_tokenizer(name, revision=revision)
+    base = load_model(
+        name, "CAUSAL_LM", dtype, pad_token_id=tok.pad_token_id, revision=revision, attn_implementation=attn
+    )
     engine = Engine(DeltaModel(base, fused_loss=False), tok, max_batch_size, max_wait_ms / 1000)
     try:
         for adapter, path in adapters.items():
@@ -78,6 +81,32 @@ def build_engine(
         engine.close()
         raise
     return engine
+
+
+def _recorded_load(adapter_path: str, model: str | None) -> tuple[str | None, str | None]:
+    """The (revision, attn_implementation) the first adapter's base loads with, as ``generate`` loads it
+    (``run_load.recorded_load``): its run's model.revision and model.attn_implementation, else adapter_config.json's
+    revision (peft's AutoPeftModel: base_model_revision); the revision only for the base it records."""
+    import json
+    from types import SimpleNamespace
+
+    import yaml
+
+    from ..train.run_load import recorded_load
+
+    recorded: dict = {}
+    for file, section in (("run.yaml", "model"), ("adapter_config.json", None)):
+        try:
+            with open(os.path.join(adapter_path, file), encoding="utf-8") as fh:
+                data = yaml.safe_load(fh) if file == "run.yaml" else json.load(fh)
+        except (OSError, ValueError):
+            continue
+        data = (data.get(section) if section else data) if isinstance(data, dict) else None
+        if isinstance(data, dict) and (data.get("name_or_path") or data.get("base_model_name_or_path")):
+            recorded = data
+            break
+    keys = ("name_or_path", "base_model_name_or_path", "revision", "attn_implementation")
+    return recorded_load(SimpleNamespace(**{k: recorded.get(k) for k in keys}), model)
 
 
 def _named(adapter: str, path: str, call: Any, *args: Any) -> None:

@@ -119,9 +119,12 @@ def model_kind(path: str) -> str:
     return "decoder-only"
 
 
-def load_vlm_processor(path: str, trust_remote_code: bool = False) -> VLMProcessor | CaptionProcessor:
+def load_vlm_processor(
+    path: str, trust_remote_code: bool = False, revision: str | None = None
+) -> VLMProcessor | CaptionProcessor:
     """The processor saved with a decoder-only vision-language model, with a pad token (EOS when it has none); BLIP's
-    as a ``CaptionProcessor`` with its text decoder's BOS and SEP.
+    as a ``CaptionProcessor`` with its text decoder's BOS and SEP; ``revision``: a hub id's (model.revision), as the
+    model loads it.
 
     Raises:
         ConfigError: no processor, or one without an image token (the folder named).
@@ -129,7 +132,8 @@ def load_vlm_processor(path: str, trust_remote_code: bool = False) -> VLMProcess
     from transformers import AutoConfig, AutoProcessor
 
     try:
-        proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        hub = {"revision": revision} if revision else {}
+        proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(
             f"stage caption: model {path!r} has no processor that loads ({str(exc).split('. ')[0]}); a "
@@ -138,7 +142,7 @@ def load_vlm_processor(path: str, trust_remote_code: bool = False) -> VLMProcess
     tok = proc.tokenizer
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
     text = getattr(config, "text_config", None)
     if getattr(text, "model_type", None) == "blip_text_model":
         smoothing = getattr(text, "label_smoothing", 0.0) or 0.0  # its own loss uses it

@@ -32,7 +32,7 @@ from .config_align import (  # noqa: F401  (the align section, a room of its own
     unbuilt_default,
     validate_align,
 )
-from .config_read import NO_ADAM, READ_BY, ignored_keys, validate_model  # noqa: F401  (which stage reads which key; names kept here)
+from .config_read import NO_ADAM, READ_BY, check_load, ignored_keys, load_revision, validate_model  # noqa: F401  (which stage reads which key; names kept here)
 from .config_train import (  # noqa: F401  (the train section, a room of its own; names kept here)
     FSDP_OPTIONS,
     NEEDS_KWARGS,
@@ -171,7 +171,7 @@ class RunConfig:
             raise ConfigError("method.name is missing (e.g. method: {name: lora})")
         if section.get("revision") is not None:  # (every config has peft's field: get_peft_model(revision=)'s record)
             raise ConfigError("method.revision is not a recipe key: it only records the base model's revision in "
-                              "adapter_config.json, and a recipe loads model.name_or_path at its default revision")  # fmt: skip
+                              "adapter_config.json: a recipe's model.revision is the base's revision, loaded and recorded")  # fmt: skip
         try:
             cls = registry.get(name).config_class
         except KeyError as exc:
@@ -366,6 +366,8 @@ def _typed(section: str, cls: type, values: dict[str, Any]) -> dict[str, Any]:
             names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
             quote = " (quote it: YAML read the text's trailing ':' as a mapping)"  # (key=Classify this: -> a dict)
             quote = quote if str in kinds and isinstance(value, dict) and list(value.values()) == [None] else ""
+            if set(kinds) <= {str, type(None)} and type(value) in (int, float):  # (a commit id of digits: 1234567)
+                quote = f" (quote it: YAML read it as a number; write '{value}')"
             raise ConfigError(f"{section}.{key} must be {names}, got {value!r}{quote}")
         if isinstance(value, float) and not math.isfinite(value):  # YAML's .inf and .nan
             raise ConfigError(f"{section}.{key} must be a finite number, got {value!r}")

@@ -1,13 +1,16 @@
 """Which stage reads which recipe key: ``READ_BY`` and ``ignored_keys``, the keys a run names as set but not read;
-``validate_model``, the ``model`` keys transformers' from_pretrained reads
+``validate_model``, the ``model`` keys transformers' from_pretrained reads; ``load_args`` / ``check_load``, their
+refusals made before the data is prepared (``hub_revision``: a revision on a local folder)
 (split off train/config.py in session 55 when it reached its line limit; ``cfg`` is a config.RunConfig, not imported:
 config.py imports this module)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..config import ConfigError
+from . import embedded
 from .config_train import ON_EVAL, TrainArgs
 from .table import STAGES
 
@@ -107,7 +110,7 @@ def validate_model(m: Any) -> None:
     if m.dtype not in DTYPES:
         short = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(str(m.dtype))
         short = f" (train.precision's spelling; here write {short})" if short else ""
-        raise ConfigError(f"model.dtype must be {', '.join(DTYPES)}, got {m.dtype!r}{short}")
+        raise ConfigError(f"model.dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {m.dtype!r}{short}")
     if m.revision is not None and (not isinstance(m.revision, str) or not m.revision.strip()):
         raise ConfigError(f"model.revision must be a hub branch, tag or commit id (or null), got {m.revision!r}")
     impl = m.attn_implementation
@@ -116,3 +119,59 @@ def validate_model(m: Any) -> None:
             f"model.attn_implementation must be null (transformers' default) or one of "
             f"{', '.join(ATTN_IMPLEMENTATIONS)}, got {impl!r}"
         )
+
+
+def hub_revision(name_or_path: str, revision: str | None) -> dict:
+    """from_pretrained's ``revision`` (model.revision) for ``name_or_path``: {} when none is asked. A local folder (an
+    embedded model's copy too) has no revisions, and transformers ignores one there silently: refused."""
+    if revision is None:
+        return {}
+    path = embedded.resolve(name_or_path)
+    if os.path.isdir(path) or os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")):
+        what = (
+            "loads deltatune's embedded copy, a local folder" if embedded.lookup(name_or_path) else "is a local folder"
+        )
+        raise ConfigError(
+            f"model.revision is {revision!r}, but model {name_or_path!r} {what}, which has no revisions (transformers "
+            "would load its files as they are): drop model.revision, or check out that revision there"
+        )
+    return {"revision": revision}
+
+
+FLASH = {"flash_attention_2": "flash-attn", "flash_attention_3": "flash-attn-3"}
+"""The attn_implementation values that need a package of their own (on a GPU), and its name."""
+
+
+def load_args(name_or_path: str, revision: str | None, attn_implementation: str | None) -> dict:
+    """from_pretrained's ``revision`` and ``attn_implementation`` for the base (those given), after the refusals
+    transformers would make only as the weights load: a revision on a local folder (``models.hub_revision``);
+    flash_attention_2 / _3 where neither its package works (transformers: a CUDA GPU) nor, on a GPU, the ``kernels``
+    package that transformers falls back to."""
+    import torch
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available, is_kernels_available
+
+    kwargs = hub_revision(name_or_path, revision)
+    if attn_implementation in FLASH:
+        installed = (is_flash_attn_2_available if attn_implementation.endswith("2") else is_flash_attn_3_available)()
+        gpu = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+        if not installed and not (gpu and is_kernels_available()):
+            raise ConfigError(
+                f"model.attn_implementation={attn_implementation} needs the {FLASH[attn_implementation]} package "
+                f"on a GPU ({'none is here' if not gpu else 'it is not installed, nor kernels'}): use sdpa or eager"
+            )
+    return {**kwargs, "attn_implementation": attn_implementation} if attn_implementation else kwargs
+
+
+def check_load(cfg: Any) -> Any:
+    """``cfg.model``, checked as ``load_args`` checks it before the data is prepared (a run refused only after its
+    data was tokenised otherwise); t2i reads neither key (``ignored_keys`` names them)."""
+    m = cfg.model
+    if cfg.stage != "t2i":
+        load_args(m.name_or_path, m.revision, m.attn_implementation)
+    return m
+
+
+def load_revision(cfg: Any) -> str | None:
+    """The base's revision a run loads and records in adapter_config.json (peft's get_peft_model(revision=)): none
+    for t2i, which reads no model.revision."""
+    return None if cfg.stage == "t2i" else cfg.model.revision

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 
 from ..config import ConfigError
 from . import embedded
+from .config_read import DTYPES, hub_revision, load_args  # noqa: F401  (hub_revision: named here before)
 from .model_files import broken_weights, config_problem, folder_problem, json_problem, json_value, no_vocabulary
 from .table import IMAGE_STAGES
 
@@ -67,22 +68,6 @@ TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map
 """The tokenizer's JSON files, each read as an object; named when a tokenizer fails to load and one is damaged."""
 
 
-def hub_revision(name_or_path: str, revision: str | None) -> dict:
-    """from_pretrained's ``revision`` (model.revision) for ``name_or_path``: {} when none is asked. A local folder (an
-    embedded model's copy too) has no revisions, and transformers ignores one there silently: refused."""
-    if revision is None:
-        return {}
-    if os.path.isdir(resolve_path(name_or_path)) or os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")):
-        what = (
-            "loads deltatune's embedded copy, a local folder" if embedded.lookup(name_or_path) else "is a local folder"
-        )
-        raise ConfigError(
-            f"model.revision is {revision!r}, but model {name_or_path!r} {what}, which has no revisions (transformers "
-            "would load its files as they are): drop model.revision, or check out that revision there"
-        )
-    return {"revision": revision}
-
-
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
     """The model's tokenizer, with a pad token (EOS when it has none); ``revision``: the hub id's branch, tag or
     commit (``hub_revision``)."""
@@ -95,7 +80,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
     except OSError as exc:
-        raise not_loaded(name_or_path, exc) from None
+        raise not_loaded(name_or_path, exc, revision) from None
     except (ValueError, TypeError, AttributeError) as exc:
         for file in TOKENIZER_JSON if os.path.isdir(path) else ():  # (transformers: the JSON parser's error, or a
             if problem := json_problem(os.path.join(path, file)):  # TypeError from inside, naming no file)
@@ -197,17 +182,20 @@ def load_image_processor(name_or_path: str, trust_remote_code: bool = False, rev
         ) from None
 
 
-def not_loaded(name_or_path: str, exc: OSError) -> ConfigError:
+def not_loaded(name_or_path: str, exc: OSError, revision: str | None = None) -> ConfigError:
     """The one line for a model (or its tokenizer) that transformers could not read: a local folder's missing
-    file, or a name that is no local folder and that the hub could not provide (offline, gated, misspelt)."""
+    file, or a name that is no local folder and that the hub could not provide (offline, gated, misspelt) at
+    ``revision`` (model.revision: named, as main may be cached where it is not)."""
     why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     path = resolve_path(name_or_path)
     if os.path.isdir(path):
         return ConfigError(f"model {name_or_path!r} could not be loaded ({why})")
     if os.path.isabs(path) or path.startswith((".", "~")):  # a path, never a hub id
         return ConfigError(f"model {name_or_path!r}: no such folder")
+    at = f" at revision {revision!r}" if revision else ""
     return ConfigError(
-        f"model {name_or_path!r} could not be loaded: not a local model folder, and the hub could not provide it ({why})"
+        f"model {name_or_path!r}{at} could not be loaded: not a local model folder, and the hub could not provide it "
+        f"({why})"
     )
 
 
@@ -215,7 +203,7 @@ def load_processor(
     name_or_path: str, stage: str, trust_remote_code: bool = False, text_encoder: str | None = None, revision=None
 ):
     """What turns a stage's rows into model inputs: the image processor for image stages, else the tokenizer (at the
-    hub id's ``revision``, as the image processor; t2i's and a VLM's processors load the hub's main revision).
+    hub id's ``revision``, as the image processor and a VLM's processor; t2i reads no revision).
 
     Raises:
         ConfigError: the model or its tokenizer cannot be read (a folder without tokenizer files, a hub name that
@@ -224,7 +212,7 @@ def load_processor(
     try:
         return _load_processor(name_or_path, stage, trust_remote_code, text_encoder, revision)
     except OSError as exc:
-        raise not_loaded(name_or_path, exc) from None
+        raise not_loaded(name_or_path, exc, revision if stage != "t2i" else None) from None
 
 
 def _load_processor(name_or_path: str, stage: str, trust_remote_code: bool, text_encoder: str | None, revision):
@@ -235,12 +223,13 @@ def _load_processor(name_or_path: str, stage: str, trust_remote_code: bool, text
     if stage == "caption":
         from .caption import CaptionProcessor, load_vlm_processor, model_kind
 
+        hub_revision(name_or_path, revision)  # (model_kind reads the config of main: a model type does not change)
         if model_kind(resolve_path(name_or_path)) == "decoder-only":  # LLaVA, BLIP-2: the model's own processor
-            return load_vlm_processor(resolve_path(name_or_path), trust_remote_code)
+            return load_vlm_processor(resolve_path(name_or_path), trust_remote_code, revision)
         images = load_image_processor(name_or_path, trust_remote_code, revision)
         tok = load_tokenizer(name_or_path, trust_remote_code, revision)
         if tok.eos_token is None:  # a BERT decoder's: the model's config names its end ([SEP]); saved with the run
-            eos = _config_eos(name_or_path, trust_remote_code)
+            eos = _config_eos(name_or_path, trust_remote_code, revision)
             tok.eos_token = tok.convert_ids_to_tokens(eos) if eos is not None else None
         return CaptionProcessor(images, tok)
     if stage in IMAGE_STAGES:
@@ -266,12 +255,13 @@ def resolved_dtype(dtype: str) -> str:
     return dtype
 
 
-def _config_eos(name_or_path: str, trust_remote_code: bool) -> int | None:
+def _config_eos(name_or_path: str, trust_remote_code: bool, revision: str | None = None) -> int | None:
     """The end-of-text id an encoder-decoder's config (or its decoder's) names, None when none or unreadable."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(resolve_path(name_or_path), trust_remote_code=trust_remote_code)
+        kw = {"revision": revision} if revision else {}
+        config = AutoConfig.from_pretrained(resolve_path(name_or_path), trust_remote_code=trust_remote_code, **kw)
     except (OSError, ValueError):
         return None
     for c in (config, getattr(config, "decoder", None)):
@@ -312,16 +302,14 @@ def load_model(
     A head task's classes are ``id2label`` (their names, in class-id order) or, without names, ``num_labels``
     (named ``LABEL_i``); given both, they must agree (``ConfigError`` otherwise). ``revision`` (a hub id's) and
     ``attn_implementation`` (None: transformers' default, sdpa where the model has it) go to ``from_pretrained``."""
-    kwargs: dict = {"trust_remote_code": trust_remote_code, **hub_revision(name_or_path, revision)}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    if dtype not in ("float32", "bfloat16", "float16", "auto"):
-        raise ConfigError(f"model.dtype must be float32, bfloat16, float16 or auto, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"model.dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {dtype!r}")
     dtype = resolved_dtype(dtype)
-    if task_type == "TEXT_TO_IMAGE":
+    if task_type == "TEXT_TO_IMAGE":  # (reads neither revision nor attn_implementation: ignored_keys says so)
         from .t2i import load_denoiser
 
         return load_denoiser(resolve_path(name_or_path), getattr(torch, dtype))
+    kwargs: dict = {"trust_remote_code": trust_remote_code, **load_args(name_or_path, revision, attn_implementation)}
     kwargs["dtype"] = getattr(torch, dtype)
     if task_type in HEAD_TASKS:
         # The head's classes go in as one label map, which sets their number: num_labels beside a map is ignored
@@ -345,9 +333,9 @@ def load_model(
         else:
             model = auto_class(task_type).from_pretrained(path, **kwargs)
     except OSError as exc:
-        raise not_loaded(name_or_path, exc) from None
-    except ImportError as exc:  # (flash_attention_2 / _3 without its package: transformers' ImportError)
-        if attn_implementation is None:
+        raise not_loaded(name_or_path, exc, revision) from None
+    except ImportError as exc:  # (an attention kernel's package missing: transformers' ImportError; not a model's)
+        if attn_implementation is None or not any(w in str(exc).lower() for w in ("attn", "attention", "kernel")):
             raise
         raise ConfigError(f"model.attn_implementation={attn_implementation}: {str(exc).splitlines()[0]}") from None
     except SafetensorError as exc:  # a truncated or corrupt weights file

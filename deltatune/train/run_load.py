@@ -118,10 +118,7 @@ def load_adapter_model(adapter_dir: str, model: str | None = None, merged: bool 
     saved = "preprocessor_config.json" if stage in IMAGE_STAGES else "tokenizer_config.json"
     tok_dir = folder_with(adapter_dir, saved) if stage != "t2i" else None  # t2i: the base has the UNet's
     encoder = cfg.model.text_encoder if recipe_path else None
-    # the run's hub revision and attention as it trained (model.revision, model.attn_implementation); a --model
-    # folder or hub id given here is loaded as it is (a local folder has no revisions)
-    revision = cfg.model.revision if recipe_path and not model else None
-    attn = cfg.model.attn_implementation if recipe_path else None
+    revision, attn = recorded_load(cfg.model if recipe_path else config, model)
     tok = load_processor(tok_dir or name, stage, trust_remote_code, encoder, None if tok_dir else revision)
     if stage == "t2i":  # a run that trained its text encoder too (model.train_text_encoder) saved that LoRA beside
         tok.load_text_encoder_lora(adapter_dir)
@@ -143,6 +140,19 @@ def load_adapter_model(adapter_dir: str, model: str | None = None, merged: bool 
     delta = DeltaModel.from_pretrained(base, adapter_dir)
     reload_as_trained(delta, adapter_dir)
     return (merge(delta, tok)[0] if merged else delta), tok
+
+
+def recorded_load(recorded: Any, model: str | None) -> tuple[str | None, str | None]:
+    """(revision, attn_implementation) to load the base with: as the run trained it (its recipe's ``model``), or a
+    plain adapter folder's ``revision`` (peft's AutoPeftModel loads base_model_revision = its config's revision); the
+    revision only for the base recorded (``model`` None or that same name: another folder or hub id loads as it is),
+    and none for a local folder (peft's revision there, which transformers ignores: the folder's files load)."""
+    from . import embedded
+
+    base = getattr(recorded, "name_or_path", None) or getattr(recorded, "base_model_name_or_path", None)
+    revision = getattr(recorded, "revision", None) if model is None or model == base else None
+    revision = None if base and os.path.isdir(embedded.resolve(base)) else revision
+    return revision, getattr(recorded, "attn_implementation", None)
 
 
 def run_task(adapter_dir: str) -> tuple[str | None, str | None]:
