@@ -399,7 +399,6 @@ def test_recipe_read_names_model_revision_and_quoting():
     _one_line(exc, "method.revision", "model.revision")
 
 
-@pytest.mark.xfail(strict=True, reason="run.py's _train calls config.check_load: the diff in the models fix report")
 def test_a_train_run_refuses_the_models_keys_before_its_data_is_prepared(tmp_path, monkeypatch):
     import sys
 

@@ -106,8 +106,9 @@ class DataArgs:
     tags: dict = _f({}, "sharegpt role/content tag names, as LLaMA-Factory's dataset_info.json 'tags'.")
     template: str | None = _f(
         None,
-        "Chat template (sft, rm, dpo, ppo): None = the tokenizer's own, or chatml / alpaca / plain; "
-        "raw = TRL's standard rows as plain text, no chat template.",
+        "Chat template (sft, rm, dpo, ppo): None = the tokenizer's own, or chatml / alpaca (LLaMA-Factory's) / plain; "
+        "raw = TRL's standard rows as plain text, no chat template; alpaca_v0 = the alpaca of runs begun before "
+        "2026-12-08 (no default system).",
     )
     max_length: int = _f(512, "Longest sequence in tokens (the block size for pt and packing).")
     max_target_length: int = _f(128, "Longest target in tokens (seq2seq).")

@@ -24,7 +24,7 @@ from ..model import DeltaModel, get_delta_model
 from . import report
 from .checks import check_context, check_num_labels, check_reference, check_run, resolved_precision
 from .cls import set_problem_type
-from .config import RunConfig, ignored_keys
+from .config import RunConfig, check_load, ignored_keys, load_revision
 from .config_train import check_best_metric, optim_args
 from .metrics import perplexity, true_entity_types
 from .models import check_vocab, load_model, load_processor, local_base_note, upcast_adapters
@@ -215,7 +215,7 @@ def start_model(
     as_saved = saved is not None and _same(saved.get("target_modules"), config.target_modules)  # (not a new recipe)
     # The runs deltatune owns use the fused causal-LM loss (deltatune.loss); the library's default leaves it off.
     with from_file() if as_saved else contextlib.nullcontext():  # (its weights: the checkpoint's, as trained)
-        delta = get_delta_model(model, config, fused_loss=True, revision=cfg.model.revision)  # (peft's record)
+        delta = get_delta_model(model, config, fused_loss=True, revision=load_revision(cfg))  # (peft's record)
     if not cfg.train.fsdp:  # adapters in fp32 on a half-precision base (FSDP flattens a layer in one dtype)
         upcast_adapters(delta)
     if config is asked:
@@ -304,7 +304,7 @@ def _train(
         raise ConfigError(f"--resume: since {os.path.basename(checkpoint)} was written, {'; '.join(changed)}, so "
                           "training would not continue as it went; pass --resume-changed to continue anyway")  # fmt: skip
     set_seed(cfg.train.seed)
-    m = cfg.model
+    m = check_load(cfg)  # (refused before the data: a local folder's revision, flash attention missing)
     tok = load_processor(m.name_or_path, cfg.stage, m.trust_remote_code, m.text_encoder, m.revision)
     prepared = prepare(cfg, tok)
     _check_best_metric(cfg, prepared)  # (before the model loads)
