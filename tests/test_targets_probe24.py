@@ -234,3 +234,26 @@ def test_all_linear_leaves_an_nn_linear_router_alone_and_its_file_computes_in_pe
     with torch.no_grad():
         want = peft.PeftModel.from_pretrained(_tiny_moe(family), tmp_path)(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_token_cls_target_naming_the_head_copies_it_and_the_file_computes_in_peft(tmp_path):
+    """peft's TOKEN_CLS model refuses target_modules naming its head (TypeError: modules_to_save cannot be applied to
+    a module already targeted), as it adds the head after injecting; deltatune trains the head in full, as peft's
+    SEQ_CLS does, and the file it saves loads in peft with the same output (kept on purpose)."""
+
+    def bert() -> torch.nn.Module:
+        torch.manual_seed(0)
+        sizes = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+        return T.BertForTokenClassification(T.BertConfig(**sizes, num_labels=3)).eval()
+
+    kw = dict(r=2, target_modules=["query", "classifier"], task_type="TOKEN_CLS")
+    with pytest.raises(TypeError, match="modules_to_save cannot be applied"):
+        peft.get_peft_model(bert(), peft.LoraConfig(**kw))
+    ours = _perturbed(dt.get_delta_model(bert(), dt.LoraConfig(**kw, init_lora_weights=False)))
+    assert not any("classifier.lora" in n for n, _ in ours.named_parameters())
+    ours.save_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = peft.PeftModel.from_pretrained(bert(), tmp_path)(input_ids=ids).logits
+        assert (want - bert()(input_ids=ids).logits).abs().max() > 1e-3
+        torch.testing.assert_close(ours(input_ids=ids).logits, want, rtol=0, atol=1e-5)
