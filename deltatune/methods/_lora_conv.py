@@ -25,7 +25,7 @@ from ..layer import DeltaLayer, DequantizedLinear, NotMergeable
 from . import _lora_init as inits
 from ._dora import add_dora, dora, merge_weight, unmerge_weight
 from ._dora_layers import conv_dora, init_magnitude
-from ._quant_inplace import requantized_after
+from ._quant_inplace import kept_in_place, requantized_after
 from .quant import is_quantized
 
 
@@ -185,6 +185,10 @@ class _LoraBase(DeltaLayer):
 
     def _gathered(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor | None:
         return None  # the row loop; LoraLinear overrides it with the batched path
+
+    def check_merge(self, names: list[str]) -> None:
+        with kept_in_place(getattr(self, "base_layer", None)):  # a bitsandbytes base: its trial merge written into it
+            super().check_merge(names)
 
     def _merge_weights(self, name: str, base: torch.Tensor | None = None, safe: bool | None = None) -> None:
         safe = self.safe_merged.get(name, False) if safe is None else safe
