@@ -135,12 +135,11 @@ def _dequantize_weight(weight: torch.Tensor, backend: str) -> torch.Tensor:
     """The fp32 (or the quantised tensor's own dtype) d_out x d_in weight a 4-bit tensor stands for."""
     if backend == "torchao":
         return weight.get_original_weight()
-    bnb = _backend("bitsandbytes")
-    state = weight.quant_state
+    bnb, state, data = _backend("bitsandbytes"), weight.quant_state, weight.data
     if getattr(state, "packing_format_for_cpu", False):  # bnb repacks CPU weights for inference; undo it to read them
-        data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight.data, copy.copy(state))
-        return bnb.functional.dequantize_4bit(data, state)
-    return bnb.functional.dequantize_4bit(weight.data, state)
+        # (on a copy of the state: the inverse edits the state it is given, and the layer still holds packed bytes)
+        data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+    return bnb.functional.dequantize_4bit(data, state)
 
 
 # -- the layer ----------------------------------------------------------------------------------------------
@@ -259,7 +258,8 @@ class Linear4bit(nn.Module):
             self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=weight.dtype
         )
         plain.weight = nn.Parameter(weight, requires_grad=False)
-        plain.quant_settings = (self.compute_dtype, self.backend, self.double_quant, self.quant_type, self.quant_storage)  # fmt: skip
+        settings = (self.compute_dtype, self.backend, self.double_quant, self.quant_type, self.quant_storage)
+        plain.quant_settings = settings
         if self.bias is not None:
             plain.bias = nn.Parameter(self.bias.detach().to(weight.dtype), requires_grad=self.bias.requires_grad)
         return plain
