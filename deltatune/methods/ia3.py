@@ -83,7 +83,8 @@ def check_quantized_merge(layer: IA3Layer, name: str) -> None:
     base = layer.base_layer
     if is_quantized(base) and not callable(getattr(base, "dequantize", None)):
         bits = "4-bit" if _is_bnb_4bit(base) else "8-bit"
-        raise NotMergeable(f"(IA)^3 adapter {name!r} is on a bitsandbytes {bits} {type(base).__name__} "
+        where = f" at {layer.path}" if isinstance(getattr(layer, "path", None), str) else ""
+        raise NotMergeable(f"(IA)^3 adapter {name!r}{where} is on a bitsandbytes {bits} {type(base).__name__} "
                            f"({layer.in_features} -> {layer.out_features}): peft refuses it too ('Cannot merge ia3 "
                            f"layers when the model is loaded in {bits} mode'); deltatune.merge_quantized dequantises "
                            "the model and merges it")  # fmt: skip
@@ -253,7 +254,9 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> list[nn.Mo
                 f"ia3: target {name} is a {kind}; IA3 adapts nn.Linear, GPT-2 Conv1D, nn.Conv2d and nn.Conv3d layers"
             )
         fan_in_fan_out = False if conv else shape[2]
-        plan.append((name, IA3Layer(module, _is_feedforward(name, feedforward), fan_in_fan_out=fan_in_fan_out), True))
+        layer = IA3Layer(module, _is_feedforward(name, feedforward), fan_in_fan_out=fan_in_fan_out)
+        layer.path = name  # (its place in the model, which a refusal names: check_quantized_merge)
+        plan.append((name, layer, True))
     targets = config.target_modules
     if config.feedforward_modules is None and isinstance(targets, list) and not set(feedforward) <= set(targets):
         # The family default is no subset of the given targets (["k_proj", "v_proj"] on Llama): written as it is,
