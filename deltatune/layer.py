@@ -18,11 +18,22 @@ from __future__ import annotations
 import copy
 import re
 import warnings
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 from torch import nn
+
+from .torch_modules import (  # noqa: F401 (re-exported: the methods import only config, layer and targets)
+    checkpointing,
+    enable_checkpointing,
+    linear_shape,
+    logical_numel,
+    replace_module,
+    set_submodule,
+)
 
 BASE_ROW = "__base__"
 """The name that sends a row of a mixed-adapter batch through the plain base model (PEFT's)."""
@@ -153,6 +164,7 @@ class DeltaLayer(nn.Module):
         if base_layer is not None:
             self.base_layer = base_layer
         self.active_adapters: list[str] = []
+        self._asked: list[str] = []  # the names last made active, held here or not (peft's layer's active list)
         self.merged_adapters: list[str] = []
         self.safe_merged: dict[str, bool] = {}  # whether each adapter was last merged with PEFT's safe_merge
         self.disabled = False
@@ -174,8 +186,10 @@ class DeltaLayer(nn.Module):
     active_adapter = property(lambda self: list(self.active_adapters), doc="peft's: the active adapters, a list")
     disable_adapters = property(lambda self: self.disabled, doc="peft's: whether the layer computes as its base")
 
-    def get_base_layer(self) -> nn.Module:  # peft's: the bottom of the base_layer chain (this layer: none)
-        return b.get_base_layer() if isinstance(b := getattr(self, "base_layer", self), DeltaLayer) and b is not self else b  # fmt: skip
+    def get_base_layer(self) -> nn.Module:
+        """peft's: the bottom of the ``base_layer`` chain (a layer without one: itself)."""
+        base = getattr(self, "base_layer", self)
+        return base.get_base_layer() if isinstance(base, DeltaLayer) and base is not self else base
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """peft's (a layer driven on its own; DeltaModel drives its layers through status.py): these adapters active,
@@ -189,11 +203,15 @@ class DeltaLayer(nn.Module):
         self.set_adapters(names)
 
     def enable_adapters(self, enabled: bool) -> None:
-        """peft's: enabled, ``set_adapter`` of the active adapters; disabled, none trains (their dropout in eval mode)
-        and the layer computes as its base (merged adapters unmerged now; peft's LoRA unmerges at its next forward)."""
-        if self.merged_adapters and not enabled:
+        """peft's: enabled, ``set_adapter`` of the active adapters; disabled, no adapter trains (dropout modes left as
+        they are) and the layer computes as its base (merged adapters unmerged now; peft's LoRA unmerges at its next
+        forward)."""
+        if enabled:
+            self.set_adapter(self.active_adapters)
+        elif self.merged_adapters:
             self.unmerge()
-        self.set_adapter(self.active_adapters, inference_mode=not enabled)
+        for p in () if enabled else (p for n in self.adapter_names for p in self.adapter_parameters(n).values()):
+            p.requires_grad_(False)
         self.disabled = not enabled
 
     def check_active(self, names: list[str], path: str) -> None:
@@ -239,17 +257,29 @@ class DeltaLayer(nn.Module):
         if state:
             raise ValueError(f"adapter {name!r} of {type(self).__name__} keeps no training state")
 
+    def successor(self, name: str) -> list[str]:
+        """peft's layer's choice of active adapters once ``name`` is deleted: the others made active with it, else
+        the first left here by name (``delete_adapter`` warns then), else none."""
+        return [n for n in self._asked if n != name] or sorted(n for n in self.adapter_names if n != name)[:1]
+
     def delete_adapter(self, name: str) -> None:
-        """Remove an adapter's entries (unmerging it first)."""
-        self.unmerge(name) if name in self.merged_adapters else None  # (a token layer's unmerge refuses any name)
+        """Remove an adapter's entries (unmerging it first). When it was active, ``successor``'s choice becomes active,
+        with peft's warning where that is an adapter first made active now (none within ``quiet_deletes``)."""
+        if name in self.merged_adapters:  # (only then: a token layer's unmerge refuses any name)
+            self.unmerge(name)
+        if name not in self._asked and name not in self.active_adapters:
+            return self._delete_entries(name)
+        new = self.successor(name)
+        if new and new[0] not in self._asked:  # (the others active with it: no warning, as peft's)
+            warn_deleted(name, new[0], stacklevel=2)
+        self._delete_entries(name)
+        self.set_adapter(new)
+
+    def _delete_entries(self, name: str) -> None:
         for attr in self.adapter_attrs:
             container = getattr(self, attr)
             if name in container:
                 del container[name]
-        if name in self.active_adapters:  # peft's: the others asked for active, else the first left by name, warned
-            if not (rest := [n for n in getattr(self, "_asked", []) if n != name]) and (rest := sorted(self.adapter_names)[:1]):  # fmt: skip
-                warnings.warn(f"Adapter {name} was active which is now deleted. Setting active adapter to {rest[0]}.", stacklevel=2)  # fmt: skip
-            self.set_adapter(rest)  # (DeltaModel.delete_adapter then sets the model's choice)
 
     # -- merging -----------------------------------------------------------------------------------
     def merge(self, name: str | bool | None = None, adapter_names: list[str] | None = None, safe_merge=False) -> None:
@@ -365,6 +395,27 @@ class DeltaLayer(nn.Module):
         return getattr(self, "base_layer", None)
 
 
+_QUIET = ContextVar("quiet_deletes", default=False)
+
+
+@contextmanager
+def quiet_deletes() -> Iterator[None]:
+    """Within the block a layer's ``delete_adapter`` does not warn (DeltaModel's own deletes: the model warns once for
+    a ``delete_adapter``, and not at all for a rollback or a server's unload)."""
+    token = _QUIET.set(True)
+    try:
+        yield
+    finally:
+        _QUIET.reset(token)
+
+
+def warn_deleted(name: str, new: str, stacklevel: int = 1) -> None:
+    """peft's warning that deleting active adapter ``name`` made ``new`` active (none within ``quiet_deletes``)."""
+    if not _QUIET.get():
+        said = f"Adapter {name} was active which is now deleted. Setting active adapter to {new}."
+        warnings.warn(said, stacklevel=stacklevel + 1)
+
+
 class ModulesToSave(DeltaLayer):
     """A full trainable copy of ``original_module`` per adapter (PEFT's ModulesToSaveWrapper layout)."""
 
@@ -382,6 +433,15 @@ class ModulesToSave(DeltaLayer):
     def delete_adapter(self, name: str) -> None:  # no choice of its own: peft's wrapper takes it from the caller
         self.active_adapters, self._asked = [n for n in self.active_adapters if n != name], []
         super().delete_adapter(name)
+
+    # peft's wrapper's: the active copy's name (none active: an empty list)
+    active_adapter = property(lambda self: self.active_adapters[0] if self.active_adapters else [])
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if unknown := [n for n in names if n not in self.modules_to_save]:  # (peft's wrapper's words)
+            raise ValueError(f"Adapter {unknown[0]} not found in {set(self.modules_to_save)}")
+        super().set_adapter(names, inference_mode)
 
     def check_active(self, names: list[str], path: str) -> None:
         if len(held := [n for n in names if n in self.modules_to_save]) > 1:  # as PEFT's ModulesToSaveWrapper refuses
@@ -461,67 +521,6 @@ def _several_copies(names: list[str], module: str) -> str:
     )
 
 
-def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the module at dotted path ``name`` under ``root``."""
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
-def logical_numel(t: torch.Tensor) -> int:
-    """How many parameters ``t`` stands for. Packed low-bit storage says so itself: ``elements_per_item`` (values per
-    stored element), or the logical shape in ``quant_state.shape`` (bitsandbytes' Params4bit: two 4-bit values a byte)."""
-    if (per_item := getattr(t, "elements_per_item", None)) is not None:
-        return t.numel() * per_item
-    if (shape := getattr(getattr(t, "quant_state", None), "shape", None)) is not None:
-        return torch.Size([int(d) for d in shape]).numel()
-    return t.numel()
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
-    """(d_in, d_out, fan_in_fan_out) of a linear layer, None for any other module: the one place that tells.
-
-    transformers' GPT-2 ``Conv1D`` stores its weight (d_in, d_out) (fan_in_fan_out); ``nn.Linear`` and the layers
-    that stand for one (4-bit and 8-bit linears) say ``in_features`` / ``out_features``.
-    """
-    if type(module).__name__ == "Conv1D":
-        d_in, d_out = module.weight.shape
-        return int(d_in), int(d_out), True
-    if isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features")):
-        return int(module.in_features), int(module.out_features), False
-    return None
-
-
-def checkpointing(model: nn.Module) -> bool:
-    """Whether activation (gradient) checkpointing is on in ``model``: transformers' ``is_activation_checkpointing``
-    (5.24 on), else ``is_gradient_checkpointing`` (earlier releases; 5.24 deprecates it with a warning per call)."""
-    names = [n for n in ("is_activation_checkpointing", "is_gradient_checkpointing") if hasattr(type(model), n)]
-    return bool(getattr(model, names[0])) if names else False
-
-
-def enable_checkpointing(model: nn.Module, kwargs: dict, **options: Any) -> None:
-    """Turn on activation (gradient) checkpointing in ``model`` with these ``torch.utils.checkpoint`` ``kwargs``:
-    transformers' ``activation_checkpointing_enable`` (newer releases; ``options`` such as ``every_n_layers`` go to
-    it), a diffusers model's ``enable_gradient_checkpointing`` (a UNet, an SD3 transformer: what diffusers' scripts'
-    ``--gradient_checkpointing`` calls), else ``gradient_checkpointing_enable`` (older transformers; 5.25 deprecates
-    it with a warning per call)."""
-    if hasattr(type(model), "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
-    elif hasattr(type(model), "enable_gradient_checkpointing"):
-        from torch.utils.checkpoint import checkpoint
-
-        kwargs = {"use_reentrant": False, **kwargs}
-        odd = {k: v for k, v in options.items() if v != {"every_n_layers": 1, "offload": False}.get(k, object())}
-        if kwargs["use_reentrant"] is not False:  # (reentrant, None too: a block whose inputs need no grad trains
-            odd = {**odd, "use_reentrant": kwargs["use_reentrant"]}  # none of its LoRA)
-        if odd:
-            got = ", ".join(f"{k}={v!r}" for k, v in odd.items())
-            raise ValueError(f"{type(model).__name__}: diffusers' checkpointing runs every block non-reentrant "
-                             f"(use_reentrant=False, every_n_layers=1, offload=False); got {got}")  # fmt: skip
-        model.enable_gradient_checkpointing(lambda module, *a, **kw: checkpoint(module.__call__, *a, **kw, **kwargs))
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
 class DequantizedLinear(nn.Linear):
     """The plain layer a 4-bit layer's ``dequantize()`` gives, which a merge writes into (``_dequantize_base``): W in
     the 4-bit layer's compute dtype, computing as that layer did (input cast to W's dtype, output back to the input's),
@@ -563,14 +562,6 @@ def base_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Para
     """The parameters of ``model`` with these unwrapped names (``unwrapped_name``), keyed by their current names."""
     wanted = set(names)
     return {n: p for n, p in model.named_parameters() if unwrapped_name(n) in wanted}
-
-
-def replace_module(root: nn.Module, path: str, module: nn.Module | None) -> None:
-    """Put ``module`` at dotted ``path`` under ``root``; None removes what is there."""
-    if module is not None:
-        return set_submodule(root, path, module)
-    parent, _, child = path.rpartition(".")
-    delattr(root.get_submodule(parent) if parent else root, child)
 
 
 def check_not_shared(model: nn.Module, layers: list[DeltaLayer]) -> None:

@@ -34,6 +34,7 @@ from .layer import (
     base_parameters,
     check_not_shared,
     enable_checkpointing,
+    quiet_deletes,
     replace_module,
     unpack_frozen_layers,
     unwrapped_name,
@@ -259,10 +260,11 @@ class DeltaModel(nn.Module, PushToHub):
             upcast_adapter([layer for _, layer in self._layers()], adapter_name)
 
     def _remove(self, adapter_name: str) -> None:
-        """Delete an adapter everywhere; layers left with no adapter give back their original module."""
+        """Delete an adapter everywhere (quietly); layers left with no adapter give back their original module."""
         for path, layer in reversed(self._layers()):
             if adapter_name in layer.adapter_names or not layer.adapter_names:
-                layer.delete_adapter(adapter_name)
+                with quiet_deletes():
+                    layer.delete_adapter(adapter_name)
                 if not layer.adapter_names:
                     original = layer.original_module if isinstance(layer, ModulesToSave) else layer.unwrap()
                     replace_module(self.base_model, path, original)
@@ -272,21 +274,16 @@ class DeltaModel(nn.Module, PushToHub):
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter from the model; when it was the only active adapter, the first remaining one by name becomes
-        active (as peft's layers choose). ValueError: another adapter ``uses`` it, or it is merged (unmerge first, as PEFT)."""
+        """Remove an adapter from the model; when it was active, peft's choice becomes active (``status.delete``), with
+        peft's warning when it was the only one. ValueError: another adapter ``uses`` it, or it is merged (unmerge
+        first, as PEFT)."""
         self._check_names([adapter_name])
         if any(adapter_name in names for _, names in self._merged()):
             raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; unmerge_adapter() first")
         if users := [n for n, c in self.peft_config.items() if adapter_name in c.uses()]:
             raise ValueError(f"adapter {adapter_name!r} is used by {users[0]!r} ({self.peft_config[users[0]].method}); "
                              f"delete {users[0]!r} first")  # fmt: skip
-        active = adapter_name in self.active_adapters
-        self._remove(adapter_name)
-        if not self.active_adapters and self.peft_config:  # peft's layers pick the first of their adapters by name
-            self.active_adapters = [min(self.peft_config)]
-        # peft: deleting an active adapter sets the remaining ones in each layer (trainable, the others frozen);
-        # deleting an inactive one touches no other adapter
-        status.apply_active(self, inference_mode=False) if active else status.apply_active(self, keep=True)
+        status.delete(self, adapter_name)
 
     def _check_names(self, names: str | list[str], together: bool = False) -> list[str]:
         """``names`` (a name or a list) as a list of this model's adapters (that every layer lets act ``together``)."""
@@ -386,8 +383,9 @@ class DeltaModel(nn.Module, PushToHub):
 
     # -- merging ----------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold the active (or the named) adapters into the base weights. Idempotent. A disabled layer
-        (``disable_adapter_layers``) is merged too and unmerges itself at its next forward while disabled, as peft's.
+        """Fold the active (or the named) adapters into the base weights (no names: each layer's own active ones, as
+        peft's). Idempotent. A disabled layer (``disable_adapter_layers``) is merged too and unmerges itself at its next
+        forward while disabled, as peft's.
 
         Raises:
             TypeError: a method whose math cannot be merged (e.g. a token method; tried first); nothing is merged.
@@ -396,20 +394,21 @@ class DeltaModel(nn.Module, PushToHub):
         """
         names = self._check_names(self.active_adapters if adapter_names is None else adapter_names, together=True)
         names = list(dict.fromkeys(names))  # once each: a name listed twice is merged once, not warned about as merged
-        layers = [m for _, m in self._layers() if any(n in m.adapter_names for n in names)]
+        own = [(m, m.active_adapters if adapter_names is None else names) for _, m in self._layers()]
+        take = {id(m): [n for n in ns if n in m.adapter_names] for m, ns in own}  # (as peft's layers merge)
+        layers = [m for _, m in self._layers() if take[id(m)]]
         check_not_shared(self.base_model, layers)
         for layer in layers:  # a layer type's own refusals (a bias to merge into a base without one), before any write
             for check in getattr(layer, "merge_checks", ()):
-                for name in (n for n in names if n in layer.adapter_names):
+                for name in take[id(layer)]:
                     check(layer, name)
         for layer in layers if safe_merge else []:  # every layer tried (and undone) before any is merged
-            layer.check_merge(names)
+            layer.check_merge(take[id(layer)])
         done = self._merged()
         try:  # layers of methods that cannot merge first: they refuse before a weight is written (unmerging rounds)
             for layer in sorted(layers, key=lambda m: type(m)._merge_weights is not DeltaLayer._merge_weights):
-                for name in names:
-                    if name in layer.adapter_names:
-                        layer.merge_as(name, safe_merge)
+                for name in take[id(layer)]:
+                    layer.merge_as(name, safe_merge)
                 status.unmerge_at_next_forward(layer)
         except TypeError:  # this call's merges taken off (the last ones each layer holds); earlier ones stay
             before = {id(layer): merged for layer, merged in done}
@@ -439,7 +438,7 @@ class DeltaModel(nn.Module, PushToHub):
         names = self._check_names(self.active_adapters if adapter_names is None else adapter_names)
         for path, head in [(p, x) for p, x in self._layers() if isinstance(x, ModulesToSave)]:
             head.check_active(names, path)  # two merged adapters' copies of one head: refused before any merge (peft)
-        self.merge_adapter(names, safe_merge)  # (after disable_adapter_layers too, as peft)
+        self.merge_adapter(adapter_names, safe_merge)  # (None: each layer's own; after disable_adapter_layers too)
         for _, layer in self._layers():  # a head trained in full: the merged adapter's copy, else the original (peft)
             layer.set_adapters(names)
             layer.disabled = False  # (after disable_adapter_layers too, as peft)

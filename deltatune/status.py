@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 
 from .files import KEY_PREFIX
-from .layer import BASE_ROW, DeltaLayer, ModulesToSave, checkpointing, logical_numel, row_names
+from .layer import BASE_ROW, DeltaLayer, ModulesToSave, checkpointing, logical_numel, row_names, warn_deleted
 
 DeltaModel = Any  # model.DeltaModel, which imports this module (not imported back: no cycle, even for type checkers)
 Irregular = Literal["irregular"]
@@ -125,6 +125,25 @@ def apply_active(
         p.requires_grad_(id(p) in trainable)
     if inference_mode is not None:  # peft 0.22's set_adapter: the active adapters' own submodules in the layer's mode
         train_modes(model, model.active_adapters, inference_mode)
+
+
+def delete(model: DeltaModel, name: str) -> None:
+    """``DeltaModel.delete_adapter`` past its refusals, as peft's: each adapter layer that had ``name`` active takes its
+    own ``successor`` (the others active with it, else the first left there by name), the model and its heads the
+    first layer's (none left there: the first adapter by name), warned once in peft's words when ``name`` was the only
+    one active. Deleting an inactive adapter touches no other adapter."""
+    active = name in model.active_adapters
+    layers = [layer for _, layer in model._layers() if not isinstance(layer, ModulesToSave)]
+    own = {id(layer): layer.successor(name) for layer in layers if name in layer._asked}
+    first = layers[0].successor(name) if layers else []  # (peft's delete_adapter: the first layer's choice)
+    model._remove(name)
+    if active and not model.active_adapters and model.peft_config:
+        model.active_adapters = [n for n in first if n in model.peft_config] or [min(model.peft_config)]
+        warn_deleted(name, model.active_adapters[0], stacklevel=3)
+    # peft: deleting an active adapter sets the remaining ones (trainable, the others frozen); an inactive one, nothing
+    apply_active(model, inference_mode=False) if active else apply_active(model, keep=True)
+    for layer in (layer for layer in layers if id(layer) in own and own[id(layer)] != layer._asked):
+        layer.set_adapter(own[id(layer)])
 
 
 def train_modes(model: DeltaModel, names: list[str], frozen: bool) -> None:
@@ -358,8 +377,9 @@ def layer_status(model: DeltaModel) -> list[TunerLayerStatus]:
                 name=f"model.{path}{getattr(layer, 'status_suffix', '')}",  # peft's name of the layer inside a wrapper
                 module_type=_module_type(layer, model.peft_config[layer.adapter_names[0]].peft_type),
                 enabled=not layer.disabled,
-                # peft's adapter layers all hold the model's list, its full copies the one they have
-                active_adapters=list((layer if isinstance(layer, ModulesToSave) else model).active_adapters),
+                # peft's adapter layers hold the list last set (the model's, or the layer's own set_adapter), held
+                # there or not; its full copies the one they have
+                active_adapters=list(layer.active_adapters if isinstance(layer, ModulesToSave) else layer._asked),
                 merged_adapters=list(layer.merged_adapters),
                 requires_grad={n: _agree([p.requires_grad for p in ps]) for n, ps in params.items() if ps},
                 available_adapters=sorted(params),

@@ -125,11 +125,13 @@ class VirtualTokens(DeltaLayer):
         self._handles.clear()
         return None
 
-    def merge(self, name: str | bool | None = None, *args, **kwargs) -> None:  # named or not, as every layer's
-        method = self.specs[name].method if name in self.specs else "token"
-        raise NotMergeable(
-            f"{method} adapter {name!r} adds virtual tokens; there is nothing to merge into the base weights"
-        )
+    def merge(
+        self, name: str | bool | None = None, *args, **kwargs
+    ) -> None:  # named or not (the active), as every layer's
+        names = [name] if isinstance(name, str) else self.active_adapters or self.adapter_names
+        method = self.specs[names[0]].method if names and names[0] in self.specs else "token"
+        what = f"{method} adapter {', '.join(map(repr, names))} adds virtual tokens"
+        raise NotMergeable(f"{what}; there is nothing to merge into the base weights")
 
     unmerge = merge
 
