@@ -290,3 +290,76 @@ def test_the_tag_base_config_is_read_at_model_revision(tmp_path, monkeypatch):
                  "data": {"train": str(tmp_path / "x.jsonl")}})  # fmt: skip
     assert _base_config(cfg) is None
     assert asked["revision"] == "v2" and asked["name"] == "org/ner-model"
+
+
+def _unfinished(tmp_path, base, marked):
+    """A tag run killed before its end (review 2, bugs A and B): a full run.yaml, the marks, a checkpoint, and no
+    tokenizer files (a run saves its tokenizer at its end only)."""
+    import yaml
+
+    data = tmp_path / "tags.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    run = tmp_path / ("new_k" if marked else "old_k")
+    (run / "checkpoint-2").mkdir(parents=True)
+    recipe = {"stage": "tag", "model": {"name_or_path": base}, "output": {"dir": str(run)},
+              "data": {"train": str(data), "eval": str(data), "tokens_column": "tokens", "tags_column": "ner_tags"}}  # fmt: skip
+    (run / "run.yaml").write_text(yaml.safe_dump(recipe))
+    lora = {"peft_type": "LORA", "task_type": "TOKEN_CLS", "r": 4, "target_modules": ["query", "value"]}
+    (run / "checkpoint-2" / "adapter_config.json").write_text(json.dumps({**lora, "base_model_name_or_path": base}))
+    marks = {"tag_prefix_space": 1} if marked else {"quant_skip_rule": 2, "alpaca_system": 1}
+    (run / "deltatune_marks.json").write_text(json.dumps(marks))
+    return str(run / "checkpoint-2")
+
+
+def test_eval_of_an_unfinished_old_runs_checkpoint_encodes_as_it_trained(tmp_path, monkeypatch):
+    # eval of an old (unmarked) run's checkpoint loads the base's tokenizer (none saved yet): its words read as the
+    # run trained, "EU" (the old code's, run_ner's without add_prefix_space). Before, the prefix space was added:
+    # the reviewer's old_k/checkpoint-2 evaluated to eval_loss 2.2764401 where the old code gave 2.2543652.
+    from deltatune.train import evaluation
+
+    class Prepared(Exception):
+        pass
+
+    def prepare(cfg, tok):
+        raise Prepared(evaluation.prepare.__wrapped__(cfg, tok))
+
+    prepare.__wrapped__ = evaluation.prepare
+    monkeypatch.setattr(evaluation, "prepare", prepare)
+    base = _roberta(tmp_path)
+    plain = AutoTokenizer.from_pretrained(base)
+    reference = AutoTokenizer.from_pretrained(base, add_prefix_space=True)
+    for marked in (False, True):
+        try:
+            evaluation.evaluate(_unfinished(tmp_path, base, marked))
+        except Prepared as e:
+            prepared = e.args[0]
+        if marked:  # (run_ner's)
+            ids, _ = _run_ner(reference, ROWS, prepared.labels, {t: i for i, t in enumerate(prepared.labels)})
+        else:  # (the tag stage's without the prefix space, as the old run trained)
+            ids = [ex["input_ids"] for ex in _encoded(plain, prepared, tmp_path)]
+        assert plain.convert_ids_to_tokens(ids[0])[1] == ("ĠEU" if marked else "EU")
+        assert [ex["input_ids"] for ex in prepared.train] == ids  # (the eval file, read as a train file)
+
+
+def test_merge_of_an_unfinished_new_runs_checkpoint_saves_the_tokenizer_it_trained_with(tmp_path, monkeypatch):
+    # load_adapter_model (merge, serve, generate) of a checkpoint of a marked run killed before its end: no tokenizer
+    # saved, the base's loaded; it reads the words as the run did (run_ner's add_prefix_space=True) and merge saves
+    # that. Before: the base's, "EU" where the run trained on "ĠEU" (mk_out's add_prefix_space false).
+    from transformers import RobertaForTokenClassification
+
+    from deltatune.train import run_load
+
+    base = _roberta(tmp_path)
+    from transformers import AutoConfig
+
+    model = RobertaForTokenClassification(AutoConfig.from_pretrained(base))
+    monkeypatch.setattr(run_load, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(run_load.DeltaModel, "from_pretrained", lambda model, folder: model)
+    monkeypatch.setattr(run_load, "reload_as_trained", lambda *a: None)
+    for marked in (True, False):  # (an old run's: as it trained, without)
+        _, tok = run_load.load_adapter_model(_unfinished(tmp_path, base, marked))
+        tok.save_pretrained(tmp_path / f"merged_{marked}")
+        saved = AutoTokenizer.from_pretrained(tmp_path / f"merged_{marked}")
+        reference = AutoTokenizer.from_pretrained(base, add_prefix_space=marked)
+        assert saved("EU rejects")["input_ids"] == reference("EU rejects")["input_ids"]
+        assert saved.convert_ids_to_tokens(saved("EU")["input_ids"])[1] == ("ĠEU" if marked else "EU")

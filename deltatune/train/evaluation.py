@@ -107,6 +107,8 @@ def evaluate(
     as_train = {"data": {**raw["data"], "train": cfg.data.eval, "val_size": 0.0}}
     eval_cfg = build(apply_overrides(raw if held_out else raw | as_train, overrides or []))
     eval_cfg.evaluating = True  # (rm: a pair tied after encoding is scored, a lost pair, as the run's evaluation did)
+    if run_file(run_dir) is not None:  # (tag: its marks; a checkpoint of an unfinished run has the base's tokenizer)
+        eval_cfg.trained_run = run_dir
     try:
         prepared = prepare(eval_cfg, tok)
     except NoRowLeft as e:  # (sft's refusal of the file read as data.train, sft holding none out: rows to score)

@@ -24,7 +24,7 @@ from .checks import check_model_path
 from .cls import set_problem_type
 from .config import build
 from .models import load_model, load_processor, reload_as_trained
-from .runs import folder_with, read_recipe, run_file, run_template
+from .runs import folder_with, prefix_space_trained, read_recipe, run_file, run_template
 from .table import IMAGE_STAGES, TASK_OF_STAGE
 
 
@@ -135,6 +135,10 @@ def load_adapter_model(adapter_dir: str, model: str | None = None, merged: bool 
         revision=revision,
         attn_implementation=attn,
     )
+    if stage == "tag" and tok_dir is None and prefix_space_trained(adapter_dir):  # (a checkpoint of an unfinished
+        from .tag import prefix_space  # run holds no tokenizer: the base's, read as the run read its words)
+
+        prefix_space(tok, base.config)  # (in place: merge saves it so)
     if recipe_path:  # a QLoRA run's adapter on the 4-bit base it was trained on; cls's problem type
         base = set_problem_type(_quantize(base, cfg.model.quantization, trained=adapter_dir), cfg)
     delta = DeltaModel.from_pretrained(base, adapter_dir)

@@ -74,13 +74,17 @@ def prefix_space(tok, config) -> bool:
 
 def _trained_without_prefix_space(cfg: RunConfig, tok) -> bool:
     """Whether this repeats a run begun before it read the words with the prefix space (no ``tag_prefix_space``
-    mark): ``deltatune eval``'s, whose tokenizer is the run folder's, or a ``--resume``'s (``output.dir``; run sets
-    ``trained_run`` on a resume only). That run evaluates and resumes with the token ids it trained with."""
+    mark): ``deltatune eval``'s (``trained_run`` the run folder or checkpoint it evaluates: a checkpoint of an
+    unfinished run holds no tokenizer, so ``tok`` is the base's), or a ``--resume``'s (``output.dir``; run sets
+    ``trained_run`` True or False on a resume only). That run evaluates and resumes with the token ids it trained
+    with."""
     import os
 
     from .runs import prefix_space_trained, run_folder
 
-    folders = [getattr(tok, "name_or_path", None), cfg.output.dir if "trained_run" in vars(cfg) else None]
+    trained = vars(cfg).get("trained_run")
+    run_dir = trained if isinstance(trained, str) else cfg.output.dir if "trained_run" in vars(cfg) else None
+    folders = [getattr(tok, "name_or_path", None), run_dir]
     return any(
         isinstance(f, str) and os.path.isdir(f) and run_folder(f) and not prefix_space_trained(f) for f in folders
     )
