@@ -331,3 +331,15 @@ def test_a_token_layer_s_merge_without_a_name_names_its_active_adapter():
     with pytest.raises(TypeError) as unnamed:
         layer.merge()
     assert str(unnamed.value) == str(named.value) and "'default'" in str(named.value)
+
+
+def test_deleting_the_active_prompt_learning_adapter_picks_the_first_added_as_peft():
+    """(deltatune took the first remaining by name.) peft's prompt learning takes the first left in the order added."""
+    kw = dict(num_virtual_tokens=2, task_type="CAUSAL_LM")
+    got = []
+    for make, cfg in ((peft.get_peft_model, peft.PromptTuningConfig), (dt.get_delta_model, dt.PromptTuningConfig)):
+        model = make(tiny_model("llama"), cfg(**kw), adapter_name="c")
+        model.add_adapter("b", cfg(**kw))
+        model.add_adapter("a", cfg(**kw))
+        got.append((_warnings(lambda m=model: m.delete_adapter("c")), model.active_adapters))
+    assert got[1] == got[0] == (["Adapter c was active which is now deleted. Setting active adapter to b."], ["b"])

@@ -114,6 +114,9 @@ class VirtualTokens(DeltaLayer):
         self.prompt_encoder[name] = encoder
         self.specs[name] = spec
 
+    def successor(self, name: str) -> list[str]:  # peft's prompt learning: the first left in the order added
+        return [n for n in self._asked if n != name] or [n for n in self.adapter_names if n != name][:1]
+
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
         self.specs.pop(name, None)
