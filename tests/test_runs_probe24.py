@@ -385,3 +385,40 @@ def test_an_out_linking_to_nothing_is_refused_before_the_work(tmp_path, monkeypa
     os.symlink("a", "b")
     with pytest.raises(ConfigError, match=r"^output\.dir 'a' is a link to 'b', a loop of links"):
         check_output_path("a")
+
+
+def test_an_overwrite_killed_after_its_step_0_evaluation_is_put_back_over(tmp_path):
+    """train.eval_on_start logs its evaluation (step 0) before the first step: an --overwrite killed at its first
+    step then held more than a start (review 2, nit D) and the old run stayed aside, named; now it is put back as
+    without eval_on_start. A log with a step's row (step 1) still holds a run begun."""
+    from deltatune.train.runfolder import RunLock
+
+    for rows, back in (('{"eval_loss": 2.25, "step": 0}\n', True), ('{"step": 0}\n{"loss": 0.5, "step": 1}\n', False)):
+        run = tmp_path / ("back" if back else "kept")
+        files = _old_run(run)
+        _killed_overwrite(run, started=False)
+        (run / "log_history.jsonl").write_text(rows)
+        RunLock(str(run)).acquire().release()
+        assert (run / "log_history.jsonl").exists() is not back
+        assert (run / "checkpoint-4").is_dir() is back  # (the old run's; else still aside)
+        assert (tmp_path / f".{run.name}.replaced-{os.getpid()}").exists() is not back
+
+
+def test_a_new_run_killed_between_its_marks_and_its_run_yaml_leaves_a_folder_train_takes(tmp_path):
+    """A fresh folder killed after mark_run, before run.yaml, held only deltatune_marks.json: train and
+    train --overwrite then refused it, "holds files that are not a deltatune run" (review 2, nit E). The next lock
+    empties it (its marks only); a folder with any other file is left, and refused as before."""
+    from deltatune.train.run import _check_output
+    from deltatune.train.runfolder import RunLock
+
+    run, other = tmp_path / "k", tmp_path / "mine"
+    for folder in (run, other):
+        folder.mkdir()
+        mark_run(str(folder))
+    (other / "notes.txt").write_text("a user's file")
+    for folder in (run, other):
+        RunLock(str(folder)).acquire().release()
+    assert os.listdir(run) == [] and _check_output(str(run), False, False) == (None, [])
+    assert sorted(os.listdir(other)) == [MARKS_FILE, "notes.txt"]
+    with pytest.raises(Exception, match="not a deltatune run"):
+        _check_output(str(other), True, False)

@@ -160,6 +160,11 @@ def _put_back(folder: str) -> None:
     log; the old run is then named, not put back."""
     parent, name = os.path.split(_sibling(folder, "replaced-"))
     aside = [n for n in os.listdir(parent) if n.startswith(name) and n[len(name) :].isdecimal()]
+    marks = set(os.listdir(folder)) if not aside and os.path.isdir(folder) else set()
+    if marks and marks <= {MARKS, MARKS + ".tmp"}:  # a new run killed between its marks and its run.yaml: an
+        for n in marks:  # empty folder again, as before it began (else train and --overwrite refused the folder)
+            os.remove(os.path.join(folder, n))
+        return
     if len(aside) != 1 or _has_checkpoint(folder) or os.path.isfile(os.path.join(folder, FINISHED_FILE)):
         return
     kept = [n for n in (os.listdir(folder) if os.path.isdir(folder) else []) if not _start_file(folder, n)]
@@ -176,13 +181,22 @@ def _put_back(folder: str) -> None:
 
 _START = {"run.yaml", MARKS, MARKS + ".tmp", STOPPED_FILE, "runs"}
 """What a run writes in its folder before its first step: run.yaml, its marks, a stop's note, TensorBoard's ``runs``
-(the Trainer's logger opens it as training begins), and an empty log_history.jsonl (PPO's and GRPO's, at their
-start)."""
+(the Trainer's logger opens it as training begins), and a log_history.jsonl without a step's row: empty (PPO's and
+GRPO's, at their start) or only train.eval_on_start's step-0 evaluation."""
 
 
 def _start_file(folder: str, name: str) -> bool:
     path = os.path.join(folder, name)
-    return name in _START or name == "log_history.jsonl" and os.path.isfile(path) and not os.path.getsize(path)
+    return name in _START or name == "log_history.jsonl" and os.path.isfile(path) and _no_step(path)
+
+
+def _no_step(log: str) -> bool:
+    """Whether ``log`` (a log_history.jsonl) holds no row of a step: every row at step 0, or none."""
+    try:
+        with open(log, encoding="utf-8") as fh:
+            return all(json.loads(line).get("step") == 0 for line in fh if line.strip())
+    except (OSError, ValueError, AttributeError):  # (AttributeError: a row that is not a mapping)
+        return False
 
 
 def check_output_path(folder: str) -> None:
