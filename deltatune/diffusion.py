@@ -49,6 +49,7 @@ from .diffusion_files import load_lora as load_lora
 from .diffusion_files import read_lora_file as read_lora_file
 from .diffusion_initial import check_base, converted, from_base
 from .files import KEY_PREFIX, atomic_write
+from .layer import quiet_deletes
 from .model import DeltaModel
 
 
@@ -422,8 +423,9 @@ def load_loras(
             loaded.append(name)
         set_adapters(delta, names, weights)
     except BaseException:
-        for name in loaded:
-            delta.delete_adapter(name)
+        with quiet_deletes():  # a rollback: peft's "was active which is now deleted" warning would only confuse
+            for name in loaded:
+                delta.delete_adapter(name)
         raise
     return delta
 
@@ -497,7 +499,8 @@ def load_pipeline_loras(
         for name in names:  # only the names this call added
             for delta in (model, *encoders.values()):
                 if isinstance(delta, DeltaModel) and name in delta.peft_config:
-                    delta.delete_adapter(name)
+                    with quiet_deletes():  # (a rollback: no "was active which is now deleted" warning)
+                        delta.delete_adapter(name)
         _restore(before)
         raise
     return (

@@ -381,10 +381,11 @@ def test_set_peft_model_state_dict_takes_a_base_weight_only_by_its_name_in_the_w
         assert torch.equal(after, before) == unexpected  # left out, or loaded (the output moves, 0.048 / 0.366)
 
 
-def test_deleting_the_only_active_adapter_activates_one_adapter_for_the_whole_model_unlike_peft():
-    """Kept on purpose: with the remaining adapters on different modules, peft's layers each pick a new active adapter
-    (query keeps 'default', value takes 'a2'; or nothing active while a layer computes one); deltatune activates the
-    first remaining adapter by name for the whole model, head copies and all."""
+def test_deleting_the_only_active_adapter_activates_peft_s_choice_layer_by_layer():
+    """With the remaining adapters on different modules, peft's layers each pick a new active adapter (query keeps
+    'default', value takes 'a2'), the model its first layer's; deltatune as peft (session 59: it activated the first
+    remaining adapter by name for the whole model). Kept on purpose: where peft's first layer has none left, peft's
+    model has nothing active while a layer computes one; deltatune activates the first remaining adapter by name."""
     both = dict(r=2, target_modules=["query", "value"], task_type="SEQ_CLS")
     value = dict(r=2, target_modules=["value"], task_type="SEQ_CLS")
     models = {}
@@ -398,9 +399,11 @@ def test_deleting_the_only_active_adapter_activates_one_adapter_for_the_whole_mo
     ours, theirs = models[dt], models[peft]
     mine = ours.base_model.bert.encoder.layer[0].attention.self
     their = theirs.base_model.model.bert.encoder.layer[0].attention.self
-    assert their.query.active_adapters == ["default"] and their.value.active_adapters == ["a2"]
-    assert ours.active_adapters == ["a2"] == mine.value.active_adapters == ours.base_model.classifier.active_adapters
-    assert {n.split(".")[-2] for n in _trainable_names(ours, True)} == {"a2"}
+    assert their.query.active_adapters == mine.query.active_adapters == ["default"]
+    assert their.value.active_adapters == mine.value.active_adapters == ["a2"]
+    assert ours.active_adapters == theirs.active_adapters == ["default"] == ours.base_model.classifier.active_adapters
+    assert theirs.base_model.model.classifier.active_adapters == ["default"]
+    assert {n.split(".")[-2] for n in _trainable_names(ours, True)} == {"a2", "default"}
     assert {n.split(".")[-2] for n in _trainable_names(theirs, False)} == {"a2", "default"}
     # nothing active in peft's model (its first layer held only 'default') while its value layers compute a1
     pooled = dict(r=2, target_modules=["value"], task_type="SEQ_CLS", modules_to_save=["classifier", "pooler"])

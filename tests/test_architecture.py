@@ -21,6 +21,7 @@ PACKAGE = ROOT / "deltatune"
 
 LEVELS = {
     "config": 0,
+    "torch_modules": 0.5,
     "layer": 1,
     "loss": 1,
     "calls": 1.5,

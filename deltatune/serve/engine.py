@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ..data.templates import stop_ids
+from ..layer import quiet_deletes
 from ..train.chat import _end_marker
 from ..train.runs import run_template
 from .detok import Detokenizer
@@ -215,7 +216,7 @@ class Engine:
 
     def unload_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (between batches); requests still waiting for it fail with 404."""
-        with self._changing():  # checked under the lock: two unloads of one name give the second a 404
+        with self._changing(), quiet_deletes():  # (under the lock: a second unload of a name 404s; no peft warning)
             if name not in self.model.peft_config:
                 raise RequestError(f"no adapter named {shown(name)} is served", 404, "model_not_found", "name")
             try:
@@ -591,8 +592,7 @@ def _eos_of(engine: Any, adapter: str) -> set[int]:
 
 
 def _marker_of(engine: Any, r: Request) -> str | None:
-    """The end marker that ends ``r`` as text (``Engine.markers``; none under ignore_eos), for an engine-like object
-    too (``markers`` optional)."""
+    """The end marker that ends ``r`` as text (``Engine.markers``, optional; none under ignore_eos)."""
     return None if r.ignore_eos else getattr(engine, "markers", {}).get(r.adapter)
 
 
