@@ -271,7 +271,10 @@ SPLIT_KEYWORDS = {
 }
 """datasets' split keywords (``data_files.SPLIT_KEYWORDS``), matched in a folder's name as its
 ``KEYWORDS_IN_DIR_NAME_BASE_PATTERNS`` match them: case-sensitive, the whole name or a part of it between
-``-._ 0-9`` characters ('train', 'training_set', 'test-1', 'my_test'; not 'Train', 'pretrain' or 'testx')."""
+``-._ 0-9`` characters ('train', 'training_set', 'test-1', 'my_test'; not 'Train', 'pretrain' or 'testx'). Only the
+names of an image folder's top folders are so read: datasets also splits on split folders deeper down
+(``cat/train/x.png``, its ``**/train/**``) and split-named files (``cat/train_0.png``); deltatune reads those as
+torchvision's ``ImageFolder`` does, the top folders as the classes."""
 _SPLIT_NAME = {
     split: re.compile("|".join(rf"(?:.*[-._ 0-9])?{word}(?:[-._ 0-9].*)?" for word in words), re.S)
     for split, words in SPLIT_KEYWORDS.items()
@@ -284,10 +287,11 @@ def split_of(name: str) -> str | None:
 
 
 def _refuse_splits(root: str, classes: list[str]) -> None:
-    """Refuse an image folder of split folders (``root/train/cat/x.png``, ``root/training_set/cat/x.png``):
-    datasets' ``imagefolder`` reads their names as splits (``split_of``) and the folders inside as the classes; read
-    as classes, the splits ('test', 'train') trained, the test images with them. A folder so named that holds images
-    itself stays a class, as torchvision's ``ImageFolder`` reads it (datasets would read a split of its own).
+    """Refuse an image folder of split folders (``root/train/cat/x.png``, ``root/training_set/cat/x.png``; its top
+    folders' names only, ``SPLIT_KEYWORDS``): datasets' ``imagefolder`` reads their names as splits (``split_of``)
+    and the folders inside as the classes; read as classes, the splits ('test', 'train') trained, the test images
+    with them. A folder so named that holds images itself stays a class, as torchvision's ``ImageFolder`` reads it
+    (datasets would read a split of its own).
 
     Raises:
         DataError: class folders named as splits that hold no images themselves but class folders with images.

@@ -64,10 +64,14 @@ def class_names(
 
 
 def _ids(
-    rows: list[ImageRow], mapping: dict[Any, int], label_column: str, folder: bool = False, ids_only: bool = False
+    rows: list[ImageRow],
+    mapping: dict[Any, int],
+    label_column: str,
+    folder: bool = False,
+    ids_only: list | None = None,
 ) -> list[int]:
     """The class ids of ``rows``; an image folder's rows are named by their class folder (they have no column).
-    ``ids_only``: each value is a class id and only that (a ClassLabel column's, names '1', '2' or not).
+    ``ids_only``: the file's ClassLabel names; each value is a class id and only that (names '1', '2' or not).
 
     Raises:
         DataError: a label (a class folder) outside the classes, the row (the image) named; with ``ids_only``, -1
@@ -79,15 +83,16 @@ def _ids(
             raise DataError(f"{r.source}: label -1 (column {label_column!r}) is datasets' ClassLabel 'no label' "
                             "(a row without its class); image classification trains and scores labelled images: "
                             "drop the row or give its class id")  # fmt: skip
-        number = ids_only and isinstance(r.label, int) and not isinstance(r.label, bool)
+        number = bool(ids_only) and isinstance(r.label, int) and not isinstance(r.label, bool)
         cid = (mapping.get(r.label) if number else None) if ids_only else class_of(r.label, mapping)
         if cid is None and folder:
             shown = ", ".join(map(str, list(mapping)[:6])) + (", ..." if len(mapping) > 6 else "")
             raise DataError(f"{r.source}: its class folder {r.label!r} is not one of the training classes ({shown})")
-        if cid is None:
-            raise DataError(
-                f"{r.source}: label {r.label!r} (column {label_column!r}) is not one of the training classes"
-            )
+        if cid is None:  # (a ClassLabel id past data.labels' renamed classes: its name said)
+            named = f", its ClassLabel's {ids_only[r.label]!r}" if number and 0 <= r.label < len(ids_only) else ""
+            why = f"; data.labels names {len(mapping)} of its {len(ids_only)} ClassLabel classes" if named else ""
+            raise DataError(f"{r.source}: label {r.label!r} (column {label_column!r}{named}) is not one of the "
+                            f"training classes{why}")  # fmt: skip
         out.append(cid)
     return out
 
@@ -104,8 +109,23 @@ def _id_map(stored: list[str], names: list[str], spec: str, column: str, rename:
         return {i: names.index(n) for i, n in enumerate(stored)}
     if rename and not set(stored) & set(names):
         return {i: i for i in range(len(names))}
+    fix = " (or data.labels naming them all)" if rename else ""  # (an eval file: the train file's classes named)
     raise DataError(f"{spec}: its ClassLabel column {column!r} names the classes {stored}, not all among the "
-                    f"classes {names}; give files of one ClassLabel (or data.labels naming them all)")  # fmt: skip
+                    f"classes {names}; give files of one ClassLabel{fix}")  # fmt: skip
+
+
+def _begun_before_class_label(cfg: RunConfig) -> bool:
+    """Whether this repeats a run begun before stage image_cls read a ClassLabel file's names (no
+    ``image_cls_class_label`` mark, runs.class_label_trained): ``deltatune eval``'s (``trained_run`` the run folder
+    or checkpoint) or a ``--resume``'s (``output.dir``). That run read the file's values as 7dc8361 did, data.labels
+    naming its classes in the order of the ids (label_map), and evaluates and resumes so."""
+    trained = vars(cfg).get("trained_run")
+    run_dir = trained if isinstance(trained, str) else cfg.output.dir if "trained_run" in vars(cfg) else None
+    if not isinstance(run_dir, str) or not os.path.isdir(run_dir):
+        return False
+    from .runs import class_label_trained
+
+    return not class_label_trained(run_dir)
 
 
 def confusion(preds: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
@@ -278,13 +298,21 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
     # a Parquet file saved by datasets names its ClassLabel column's classes (ids kept, absent ones too), as
     # load_dataset("parquet") reads them; data.labels, when set, names them instead; its values are ids only
     stored = None if os.path.isdir(d.train) else class_label_names(d.train, d.label_column)
+    old = bool(stored) and _begun_before_class_label(cfg)  # (its file read as that run trained: its values)
+    stored = None if old else stored
     if stored:
         names = [str(x) for x in d.labels] if d.labels else stored
         mapping = _id_map(stored, names, d.train, d.label_column, rename=True)
     else:
         names, mapping = class_names(train_rows, d.labels, os.path.isdir(d.train), d.label_column)
     in_eval = class_label_names(d.eval, d.label_column) if stored and d.eval and not os.path.isdir(d.eval) else None
-    eval_map = mapping if not in_eval or in_eval == stored else _id_map(in_eval, names, d.eval, d.label_column)
+    if not in_eval or in_eval == stored:
+        eval_map = mapping
+    elif set(stored or ()) & set(names):
+        eval_map = _id_map(in_eval, names, d.eval, d.label_column)
+    else:  # data.labels renaming the train file's classes id by id: the eval file's by the train file's names
+        by_name = _id_map(in_eval, stored, d.eval, d.label_column)  # type: ignore[arg-type]
+        eval_map = {i: mapping[k] for i, k in by_name.items() if k in mapping}
     if len(names) < 2:
         where = "sub-folder" if os.path.isdir(d.train) else "label"
         raise DataError(
@@ -295,12 +323,16 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
     held = split_off(train_rows, d.val_size, cfg.train.seed, bool(d.eval))
     train_rows, eval_rows = held[0], eval_rows if held[1] is None else held[1]
     folders = os.path.isdir(d.train), os.path.isdir(d.eval) if d.eval else os.path.isdir(d.train)
-    ids_only = bool(stored)
+    ids_only = in_eval or stored
     if stored and d.eval and not in_eval:  # a ClassLabel train file's eval file without one: as data.labels reads it
-        eval_map, ids_only = class_names(eval_rows, names, folders[1], d.label_column)[1], False  # type: ignore
-    train_ids = _ids(train_rows, mapping, d.label_column, folders[0], bool(stored))
+        eval_map, ids_only = class_names(eval_rows, names, folders[1], d.label_column)[1], None  # type: ignore
+    train_ids = _ids(train_rows, mapping, d.label_column, folders[0], stored)
     eval_ids = _ids(eval_rows, eval_map, d.label_column, folders[1], ids_only) if eval_rows else None
     notes = [f"{len(train_rows)} training images in {len(names)} classes"]
+    if old:
+        notes.insert(0, f"a run begun before stage image_cls read a ClassLabel file's class names (no "
+                        f"image_cls_class_label mark): {d.train}'s labels read as it trained, data.labels naming "
+                        "the classes in the order of their ids")  # fmt: skip
     if held[1] is not None:
         notes.append(f"data.val_size: {len(eval_rows or [])} of the train file's images held out for evaluation")
     _notes_converted(notes, "train", check(train_rows))
