@@ -400,7 +400,7 @@ def test_an_overwrite_killed_after_its_step_0_evaluation_is_put_back_over(tmp_pa
         (run / "log_history.jsonl").write_text(rows)
         RunLock(str(run)).acquire().release()
         assert (run / "log_history.jsonl").exists() is not back
-        assert (run / "checkpoint-4").is_dir() is back  # (the old run's; else still aside)
+        assert ({n: (run / n).read_bytes() for n in files if (run / n).exists()} == files) is back  # (else aside)
         assert (tmp_path / f".{run.name}.replaced-{os.getpid()}").exists() is not back
 
 
@@ -422,3 +422,21 @@ def test_a_new_run_killed_between_its_marks_and_its_run_yaml_leaves_a_folder_tra
     assert sorted(os.listdir(other)) == [MARKS_FILE, "notes.txt"]
     with pytest.raises(Exception, match="not a deltatune run"):
         _check_output(str(other), True, False)
+
+
+def test_a_refused_resume_into_alpaca_leaves_the_folders_marks_as_they_were(tmp_path):
+    """take_derived runs before the checks of a --resume (the data files, the model): it added the alpaca mark to
+    an unmarked chatml run resumed into alpaca, so a refused command (a data file missing) changed the folder
+    (review 2, nit C). The mark now comes with the run.yaml that records alpaca (write_run_file), after them."""
+    from deltatune.train.runs import write_run_file
+
+    out, recipe = _run_folder(tmp_path, marked=False)
+    chatml = {**recipe, "data": {**recipe["data"], "template": "chatml"}}
+    (out / "run.yaml").write_text(yaml.safe_dump(chatml), encoding="utf-8")
+    marks = (out / MARKS_FILE).read_bytes() if (out / MARKS_FILE).exists() else None
+    cfg = build(recipe)
+    take_derived(cfg, str(out))
+    assert cfg.data.template == "alpaca"
+    assert ((out / MARKS_FILE).read_bytes() if (out / MARKS_FILE).exists() else None) == marks
+    write_run_file(str(out), recipe)
+    assert run_template(str(out)) == "alpaca"

@@ -506,9 +506,9 @@ def take_derived(cfg: Any, folder: str) -> list[str]:
     they were sorted into two classes: its head has three rows, and its recorded ``data.labels`` say which).
     Returns the keys set; data.template alpaca is set to the alpaca the run trained with (``runs.trained_template``:
     alpaca_v0 in a folder begun before the ``alpaca_system`` mark) where run.yaml records alpaca (or alpaca_v0); a
-    run that trained another template, resumed into alpaca (``--resume-changed``), trains LLaMA-Factory's and its
-    folder gains the mark, so what reads its run.yaml afterwards reads that alpaca. A run.yaml that does not read is
-    left to the recipe comparison to refuse."""
+    run that trained another template, resumed into alpaca (``--resume-changed``), trains LLaMA-Factory's, and its
+    folder gains the mark when run.yaml is written with it (``runs.write_run_file``: after every check, not here).
+    A run.yaml that does not read is left to the recipe comparison to refuse."""
     import yaml
 
     from .runs import RUN_FILE
@@ -521,11 +521,9 @@ def take_derived(cfg: Any, folder: str) -> list[str]:
     if not isinstance(old, dict):
         return []
     taken, recorded = [], old.get("data").get("template") if isinstance(old.get("data"), dict) else None
-    if cfg.data.template == "alpaca" and (recorded == OLD_ALPACA or trained_template("alpaca", folder) != "alpaca"):
-        if recorded in ("alpaca", OLD_ALPACA):  # the alpaca it trained with (recipe_changes: no change)
-            cfg.data.template, taken = OLD_ALPACA, ["data.template"]
-        else:  # --resume-changed into alpaca: LLaMA-Factory's from here on, as run.yaml will say it
-            add_mark(folder, ALPACA_MARK, 1)
+    old_alpaca = recorded == OLD_ALPACA or trained_template("alpaca", folder) != "alpaca"
+    if cfg.data.template == "alpaca" and old_alpaca and recorded in ("alpaca", OLD_ALPACA):  # (as it trained)
+        cfg.data.template, taken = OLD_ALPACA, ["data.template"]
     for key in sorted(DERIVED):
         section, name = key.split(".")
         recorded = old.get(section).get(name) if isinstance(old.get(section), dict) else None

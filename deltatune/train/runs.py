@@ -242,7 +242,12 @@ def resume_rewrites(stage: Any, note: str) -> bool:
 
 def write_run_file(folder: str, recipe: dict[str, Any]) -> None:
     """Write ``recipe`` as ``folder``'s run.yaml; a seq2seq run's marks gain ``SMOOTHING_MARK`` (the others kept):
-    the recipe written now is what it trains with, its train.label_smoothing_factor read as written from then on."""
+    the recipe written now is what it trains with, its train.label_smoothing_factor read as written from then on.
+    A recipe with data.template alpaca in a folder without ``ALPACA_MARK`` (a run begun before, resumed into alpaca
+    with --resume-changed: it trains LLaMA-Factory's) gains it first, so what reads run.yaml reads that alpaca."""
+    data = recipe.get("data")
+    if isinstance(data, dict) and data.get("template") == "alpaca" and not _marks(folder).get(ALPACA_MARK):
+        add_mark(folder, ALPACA_MARK, 1)
     with open(os.path.join(folder, RUN_FILE), "w", encoding="utf-8") as fh:
         yaml.safe_dump(recipe, fh, sort_keys=False)
     if recipe.get("stage") == "seq2seq":
