@@ -22,6 +22,7 @@ import torch
 
 from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, DeltaConfig, named_adapters_hint, read_config_file
 from .layer import ModulesToSave, unwrapped_name
+from .saves import LOCK as SAVE_LOCK
 from .saves import SAVING as SAVING  # (SAVING, _host, process_alive: their users import them from here)
 from .saves import _host as _host
 from .saves import finish_saves, remove_stale_saves, saving
@@ -431,6 +432,8 @@ def _save_folder_files(save: Callable[[str], object], folder: str, tmp: str) -> 
     try:
         save(tmp)
         for name in os.listdir(tmp):
+            if name == SAVE_LOCK:  # (this save's lock, held till it ends)
+                continue
             if os.path.isdir(os.path.join(folder, name)):  # an earlier save's sub-folder: replaced whole
                 shutil.rmtree(os.path.join(folder, name))
             os.replace(os.path.join(tmp, name), os.path.join(folder, name))

@@ -26,7 +26,7 @@ from .files import (
     write_adapter,
     write_failure,
 )
-from .saves import MOVES, identity, saving
+from .saves import MOVES, folder_lock, identity, saving
 
 
 def save_adapters(
@@ -167,6 +167,13 @@ def publish(save_directory: str, folders: dict[str, str], write: Callable[[str, 
 
 
 def move_in(tmp: str, folders: dict[str, str]) -> None:
+    """``_move_in``, holding the save folder's lock (``saves.folder_lock``): no finisher of a killed save renames
+    into the folder while this save's identities are taken and its files moved in."""
+    with folder_lock(os.path.dirname(tmp)):
+        _move_in(tmp, folders)
+
+
+def _move_in(tmp: str, folders: dict[str, str]) -> None:
     """Move each adapter's staged files (``tmp/<name>/``) into its folder, and out an earlier save's files the new
     ones replace (its training state; its safetensors beside a new .bin, which loaders read before it), all or none:
     each file replaced is kept aside in ``tmp`` (a hard link, or a copy where linking is refused) until every move

@@ -248,15 +248,18 @@ def test_a_live_save_whose_pid_is_not_seen_here_is_not_taken_over(tmp_path, monk
 
 def test_a_locked_hidden_folder_is_left_by_the_next_save(tmp_path):
     """Review B3, a save's side: a hidden folder named for a pid that does not run here but locked by a live
-    process (a save staging in another pid namespace) was deleted by the next save into the folder."""
+    process (a save staging in another pid namespace) was deleted by the next save into the folder. (The lock is
+    on a file in the hidden folder since review 2's nit 1: NFS locks no directory.)"""
     import fcntl
+
+    from deltatune import saves
 
     hidden = tmp_path / f".saving-999999@{dt.files._host()}~abc"
     hidden.mkdir()
     locked, go = os.pipe(), os.pipe()
 
     def hold():
-        fd = os.open(hidden, os.O_RDONLY)
+        fd = os.open(hidden / saves.LOCK, os.O_RDWR | os.O_CREAT)
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(locked[1], b"x")
         os.read(go[0], 1)
@@ -314,3 +317,152 @@ def test_a_load_looks_for_killed_saves_once(tmp_path, monkeypatch):
     assert len(calls) == 2
     got.load_adapter(tmp_path / "other", "other")
     assert len(calls) == 4
+
+
+def test_a_copied_folder_with_a_killed_saves_leftover_is_finished(tmp_path):
+    """Review 2, bug 2: a folder copied with its leftover (cp -a, rsync -a, tar: same bytes and mtimes, new inodes)
+    was loaded half moved in (the old config over the new tensors, silently with the same r) with a false "written
+    over since" warning: the identities held the inode. Now (mtime, size): the copy is finished as the original."""
+    import shutil
+    import warnings
+
+    old, new = _delta(0), _delta(1)
+    folder, copy = tmp_path / "run", tmp_path / "copy"
+    old.save_pretrained(folder)
+    _killed_between_renames(new, folder, 1)
+    shutil.copytree(folder, copy, copy_function=shutil.copy2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _state(copy)
+    assert not [w for w in caught if "killed midway" in str(w.message)]
+    assert _same(got, _want(new)) and not _hidden(copy)
+    assert _same(_state(folder), _want(new))
+
+
+def test_with_no_locks_a_live_save_here_is_waited_for_and_windows_is_not_killed(tmp_path, monkeypatch):
+    """Review 2, nit 1: where flock fails (ENOLCK: NFS without lockd), a live save of this host was refused at once
+    as "of another host stopped between its renames ... load again on that host"; now a save of this host whose
+    pid runs is live: waited for (saves.WAIT), then refused as a save still moving its files in. On Windows
+    process_alive called os.kill(pid, 0), which ends the process there; now it asks the kernel (here, no ctypes
+    windll: taken as running)."""
+    import errno
+    import fcntl
+
+    import pytest
+
+    from deltatune import saves
+
+    def no_locks(*a):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(saves, "WAIT", 0.2)
+    old, new = _delta(0), _delta(1, r=4)
+    old.save_pretrained(tmp_path)
+    moved, go = os.pipe(), os.pipe()
+
+    def save():
+        real = os.replace
+
+        def replace(src, dst, *a, **k):
+            real(src, dst, *a, **k)
+            if ".saving-" in os.fspath(src) and ".saving-" not in os.fspath(dst) and not os.path.isdir(dst):
+                os.write(moved[1], b"x")
+                os.read(go[0], 1)
+
+        os.replace = replace
+        new.save_pretrained(tmp_path)
+
+    pid = _child(save)
+    try:
+        os.read(moved[0], 1)
+        with pytest.raises(OSError) as refused:
+            dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path)
+        text = str(refused.value)
+        assert "once it is done" in text and "another host" not in text and str(tmp_path) in text
+    finally:
+        os.write(go[1], b"xxxx")
+        status = os.waitpid(pid, 0)[1]
+    assert status == 0 and _same(_state(tmp_path), _want(new))
+
+    def kill(*a):
+        raise AssertionError("os.kill on Windows ends the process")
+
+    monkeypatch.setattr(saves, "_WINDOWS", True, raising=False)
+    monkeypatch.setattr(os, "kill", kill)
+    assert saves.process_alive(os.getpid()) is True
+
+
+def test_an_older_deltatunes_list_is_not_taken_from_a_running_save(tmp_path):
+    """Review 2, nit 2: a hidden folder with a list of an older deltatune's (no identities, no lock) whose save still
+    runs (its pid alive) was taken as killed and deleted, with a "written over since" warning. Now it is left as
+    long as its pid runs; a killed one is removed with a warning naming an older deltatune's list."""
+    import json
+
+    import pytest
+
+    old = _delta(0)
+    old.save_pretrained(tmp_path)
+    for pid in (os.getpid(), 99999999):
+        hidden = tmp_path / f".saving-{pid}@{dt.files._host()}~abc"
+        (hidden / "default").mkdir(parents=True)
+        (hidden / "default" / "adapter_config.json").write_text("{}")
+        moves = {"default": {"folder": ".", "files": ["adapter_config.json"], "gone": []}}
+        (hidden / ".moves.json").write_text(json.dumps(moves))
+        if pid == os.getpid():
+            assert _same(_state(tmp_path), _want(old)) and hidden.is_dir()
+            import shutil
+
+            shutil.rmtree(hidden)
+            continue
+        with pytest.warns(UserWarning, match="older deltatune"):
+            got = _state(tmp_path)
+        assert _same(got, _want(old)) and not hidden.exists()
+
+
+def test_a_save_while_a_load_finishes_a_killed_one_is_not_written_over(tmp_path, monkeypatch):
+    """Review 2, bug 1: a load decided what to finish of a killed save, then renamed with no lock on the folder: a
+    save (r=8) that moved all its files in within that gap got the killed save's stale files (r=4) moved over its
+    own (a rank clash; peft refused the folder too). Now move_in holds the save folder's lock while it renames and a
+    finisher while it looks and finishes: the save waits for the finisher, its files are the folder's."""
+    import select
+
+    import peft
+
+    from deltatune import files_save, saves
+
+    old, new, newest = _delta(0), _delta(1, r=4), _delta(2, r=8)
+    old.save_pretrained(tmp_path)
+    _killed_between_renames(new, tmp_path, 1)
+    entered, moved, go = os.pipe(), os.pipe(), os.pipe()
+
+    def save():  # (forked before any lock is held: it inherits none)
+        os.read(go[0], 1)
+        real = files_save.move_in
+
+        def move_in(tmp, folders):
+            os.write(entered[1], b"x")
+            real(tmp, folders)
+            os.write(moved[1], b"x")
+
+        files_save.move_in = move_in
+        newest.save_pretrained(tmp_path)
+
+    pid, real_finish, started = _child(save), saves._finish, []
+
+    def finish(*a):
+        if not started:
+            started.append(os.write(go[1], b"x"))
+            os.read(entered[0], 1)
+            select.select([moved[0]], [], [], 0.2)  # (before: it moved all in here; now it waits for the lock)
+        return real_finish(*a)
+
+    monkeypatch.setattr(saves, "_finish", finish)
+    try:
+        saves.finish_saves(str(tmp_path))
+    finally:
+        status = os.waitpid(pid, 0)[1]
+    assert status == 0 and started
+    assert _same(_state(tmp_path), _want(newest)) and not _hidden(tmp_path)
+    back = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    assert back.peft_config["default"].r == 8
