@@ -466,9 +466,8 @@ def _run_loop(
     try:
         if checkpoint is None:  # (a resumed run keeps its marks, or none; before run.yaml, as the Trainer stages')
             mark_run(out)
-        if write_recipe:
-            with open(os.path.join(out, RUN_FILE), "w", encoding="utf-8") as fh:
-                yaml.safe_dump(recipe, fh, sort_keys=False)
+        if write_recipe:  # (resumed into alpaca: its mark with it)
+            write_run_file(out, recipe)
         # Only a resumed run passes the checkpoint: loops that write none keep their three-argument signature.
         metrics, history = prepared.loop(delta, tok, cfg, checkpoint) if checkpoint else prepared.loop(delta, tok, cfg)
         replacement.started()
