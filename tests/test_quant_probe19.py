@@ -239,7 +239,8 @@ def test_a_run_trained_under_the_module_rule_reloads_without_the_note_one_from_b
               "output": {"dir": str(out)}}  # fmt: skip
     run_mod.train(build(recipe))
     assert json.loads((out / MARKS).read_text()) == {"quant_skip_rule": 2, "seq2seq_label_smoothing": 1,
-                                                     "alpaca_system": 1, "tag_prefix_space": 1}  # fmt: skip
+                                                     "alpaca_system": 1, "tag_prefix_space": 1,
+                                                     "image_cls_class_label": 1}  # fmt: skip
     capsys.readouterr()
 
     def note() -> list[str]:

@@ -128,7 +128,8 @@ def test_a_new_run_is_marked_and_an_old_ones_eval_scores_the_plain_loss(tmp_path
     out = tmp_path / "run"
     train(build(_recipe(tmp_path, base, str(out))))
     assert json.loads((out / MARKS).read_text()) == {"quant_skip_rule": 2, "seq2seq_label_smoothing": 1,
-                                                     "alpaca_system": 1, "tag_prefix_space": 1}  # fmt: skip
+                                                     "alpaca_system": 1, "tag_prefix_space": 1,
+                                                     "image_cls_class_label": 1}  # fmt: skip
     assert MARKS == MARKS_FILE and SMOOTHING_MARK == "seq2seq_label_smoothing"  # (runs' names of them)
     smoothed = evaluate(str(out))["eval_loss"]
 

@@ -213,9 +213,6 @@ def test_data_labels_naming_split_named_folders_reads_them_as_classes(tmp_path):
     assert p.labels == ["test", "train"] and sorted(p.train.labels) == [0] * 4 + [1] * 4
 
 
-RUNS_DIFF = "needs the deltatune/train/runs.py diff of vision fix 24 (CLASS_LABEL_MARK, class_label_trained)"
-
-
 def _run_folder(path, labels, marked):
     """A run folder as ``deltatune train`` leaves one: run.yaml (its recorded data.labels), marks where it began since
     the mark (runs.mark_run), a checkpoint."""
@@ -230,7 +227,6 @@ def _run_folder(path, labels, marked):
     return path
 
 
-@pytest.mark.xfail(strict=True, reason=RUNS_DIFF)
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_run_begun_before_the_class_label_names_reads_its_file_as_it_trained(resume, tmp_path):
     """A run begun before 50e111e / 1706f15 (no image_cls_class_label mark) recorded data.labels naming its
@@ -257,7 +253,6 @@ def test_a_run_begun_before_the_class_label_names_reads_its_file_as_it_trained(r
     assert not any("mark" in n for n in p.notes)
 
 
-@pytest.mark.xfail(strict=True, reason=RUNS_DIFF)
 def test_a_run_begun_now_is_marked_as_reading_class_label_names(tmp_path):
     from deltatune.train import runs
 

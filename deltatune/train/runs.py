@@ -106,12 +106,16 @@ run.yaml has it (old_run_data; added by an old run's resume too: write_run_file)
 data.template alpaca is LLaMA-Factory's, default system included (``trained_template``; an old run's resume keeps
 alpaca_v0); ``tag_prefix_space`` 1, a stage tag run on a gpt2 / roberta / deberta base read its words with run_ner's
 add_prefix_space=True tokenizer, and saved it (``prefix_space_trained``; an older run evaluates and resumes as it
-trained, without); ``t2i_reads`` 2, added by stage t2i's trainer as the run begins (t2i_reads.mark_reads): it read
-under the seeded reads (one without it resumes reading as it began)."""
+trained, without); ``image_cls_class_label`` 1, a stage image_cls run read a ClassLabel Parquet file's ids by
+the file's class names (``class_label_trained``; an older run evaluates and resumes reading them as it trained, as
+data.labels' indexes); ``t2i_reads`` 2, added by stage t2i's trainer as the run begins (t2i_reads.mark_reads): it
+read under the seeded reads (one without it resumes reading as it began)."""
 ALPACA_MARK = "alpaca_system"
 """The mark of a run begun since data.template alpaca writes LLaMA-Factory's default system."""
 PREFIX_SPACE_MARK = "tag_prefix_space"
 """The mark of a run begun since stage tag reads a byte-level base's words with the prefix space (tag.prefix_space)."""
+CLASS_LABEL_MARK = "image_cls_class_label"
+"""The mark of a run begun since stage image_cls reads a ClassLabel file's ids by its class names (image_cls)."""
 OLD_ALPACA = "alpaca_v0"
 """``templates.OLD_ALPACA``, the alpaca an unmarked run trained with (runs imports nothing of data)."""
 
@@ -120,7 +124,16 @@ def mark_run(folder: str) -> None:
     """Write the marks of a run that begins now (``MARKS_FILE``), whole or not at all."""
     path = os.path.join(folder, MARKS_FILE)
     with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        json.dump({"quant_skip_rule": 2, "seq2seq_label_smoothing": 1, ALPACA_MARK: 1, PREFIX_SPACE_MARK: 1}, fh)
+        json.dump(
+            {
+                "quant_skip_rule": 2,
+                "seq2seq_label_smoothing": 1,
+                ALPACA_MARK: 1,
+                PREFIX_SPACE_MARK: 1,
+                CLASS_LABEL_MARK: 1,
+            },
+            fh,
+        )
     os.replace(path + ".tmp", path)
 
 
@@ -140,6 +153,13 @@ def prefix_space_trained(run_dir: str) -> bool:
     space: it holds ``PREFIX_SPACE_MARK``. False for a run begun before (2026-12-08); True for no run folder."""
     folder = run_folder(run_dir)
     return folder is None or bool(_marks(folder).get(PREFIX_SPACE_MARK))
+
+
+def class_label_trained(run_dir: str) -> bool:
+    """Whether the run ``run_dir`` belongs to (it, or a checkpoint of it) read a ClassLabel file's ids by the file's
+    class names: it holds ``CLASS_LABEL_MARK``. False for a run begun before (2026-12-08); True for no run folder."""
+    folder = run_folder(run_dir)
+    return folder is None or bool(_marks(folder).get(CLASS_LABEL_MARK))
 
 
 def trained_template(template: Any, run_dir: str | None) -> Any:
