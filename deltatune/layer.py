@@ -207,7 +207,7 @@ class DeltaLayer(nn.Module):
         they are) and the layer computes as its base (merged adapters unmerged now; peft's LoRA unmerges at its next
         forward)."""
         if enabled:
-            self.set_adapter(self.active_adapters)
+            self.set_adapter(self._asked)
         elif self.merged_adapters:
             self.unmerge()
         for p in () if enabled else (p for n in self.adapter_names for p in self.adapter_parameters(n).values()):

@@ -436,11 +436,12 @@ class DeltaModel(nn.Module, PushToHub):
         ``safe_merge``, ``progressbar`` (ignored) and ``adapter_names=[]`` (merging none) as in PEFT.
         """
         names = self._check_names(self.active_adapters if adapter_names is None else adapter_names)
+        own = adapter_names is None  # each layer's own active adapters, a head's own copy too (peft)
         for path, head in [(p, x) for p, x in self._layers() if isinstance(x, ModulesToSave)]:
-            head.check_active(names, path)  # two merged adapters' copies of one head: refused before any merge (peft)
+            head.check_active(head.active_adapters if own else names, path)  # two copies of one head: refused first
         self.merge_adapter(adapter_names, safe_merge)  # (None: each layer's own; after disable_adapter_layers too)
         for _, layer in self._layers():  # a head trained in full: the merged adapter's copy, else the original (peft)
-            layer.set_adapters(names)
+            layer.set_adapters(layer.active_adapters if own and isinstance(layer, ModulesToSave) else names)
             layer.disabled = False  # (after disable_adapter_layers too, as peft)
         model = adapter_io.untie_diverged(self._unload())  # peft's: diverged embeddings untied in the config
         if dequantize:

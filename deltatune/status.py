@@ -133,7 +133,7 @@ def delete(model: DeltaModel, name: str) -> None:
     first layer's (none left there: the first adapter by name), warned once in peft's words when ``name`` was the only
     one active. Deleting an inactive adapter touches no other adapter."""
     active = name in model.active_adapters
-    layers = [layer for _, layer in model._layers() if not isinstance(layer, ModulesToSave)]
+    layers = [layer for _, layer in model._layers() if not wrapper(layer)]  # (a wrapper takes the model's choice)
     own = {id(layer): layer.successor(name) for layer in layers if name in layer._asked}
     first = layers[0].successor(name) if layers else []  # (peft's delete_adapter: the first layer's choice)
     model._remove(name)
@@ -144,6 +144,13 @@ def delete(model: DeltaModel, name: str) -> None:
     apply_active(model, inference_mode=False) if active else apply_active(model, keep=True)
     for layer in (layer for layer in layers if id(layer) in own and own[id(layer)] != layer._asked):
         layer.set_adapter(own[id(layer)])
+
+
+def wrapper(layer: DeltaLayer) -> bool:
+    """Whether ``layer`` is one of peft's wrappers, no tuner layer of its own: a head's (modules_to_save) or LoRA's
+    ``trainable_token_indices`` rows (a TrainableTokens layer holding an adapter not of the stand-alone method)."""
+    keys = getattr(layer, "keys", None) if hasattr(layer, "trainable_tokens_delta") else None
+    return isinstance(layer, ModulesToSave) or (keys is not None and any(n not in keys for n in layer.adapter_names))
 
 
 def train_modes(model: DeltaModel, names: list[str], frozen: bool) -> None:

@@ -12,7 +12,10 @@
 Review of 1-3: DeltaModel.delete_adapter warned once per layer (rollbacks and a server's unload too), naming a layer's
 choice the model then overrode; the model's status and merge_adapter() ignored a layer's own set_adapter; a head's
 active_adapter and set_adapter of an unknown copy, enable_adapters(False)'s dropout mode and a token layer's unnamed
-merge() message differed from peft's. Tests of peft 0.22's behaviour are gated on PEFT_022 (peft 0.21.2 is allowed).
+merge() message differed from peft's. Second review: a layer's enable_adapters(True) dropped the names it does not
+hold, merge_and_unload() switched a head off its own active copy, delete_adapter took its choice from LoRA's
+trainable_token_indices wrapper (no tuner layer in peft). Tests of peft 0.22's behaviour are gated on PEFT_022 (peft
+0.21.2 is allowed).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import warnings
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import tiny_inputs, tiny_model
 from torch import nn
 
 import deltatune as dt
@@ -343,3 +346,71 @@ def test_deleting_the_active_prompt_learning_adapter_picks_the_first_added_as_pe
         model.add_adapter("a", cfg(**kw))
         got.append((_warnings(lambda m=model: m.delete_adapter("c")), model.active_adapters))
     assert got[1] == got[0] == (["Adapter c was active which is now deleted. Setting active adapter to b."], ["b"])
+
+
+# -- second review: enable_adapters(True), merge_and_unload() and a head, delete_adapter's choice with token rows --
+KW = dict(r=2, init_lora_weights=False)
+
+
+def _twins(task: str, targets: list[list[str]], **kw):
+    """peft's and deltatune's model with adapters a, b, ... on ``targets``, the same weights; head copies re-drawn per
+    adapter name (the same in both)."""
+    out = []
+    for lib, make in ((peft, peft.get_peft_model), (dt, dt.get_delta_model)):
+        torch.manual_seed(0)
+        model = make(
+            tiny_model("llama", task), lib.LoraConfig(target_modules=targets[0], **KW, **kw), adapter_name="a"
+        )
+        for name, target in zip("bcd", targets[1:]):
+            model.add_adapter(name, lib.LoraConfig(target_modules=target, **KW, **kw))
+        for n, p in model.named_parameters():
+            if "modules_to_save." in n:
+                torch.manual_seed(ord(n.split("modules_to_save.")[1][0]))
+                torch.nn.init.normal_(p)
+        out.append(model)
+    return out
+
+
+def _layer(model, suffix: str):
+    return next(m for n, m in model.named_modules() if n.endswith(suffix) and hasattr(m, "enable_adapters"))
+
+
+def test_enable_adapters_again_keeps_names_the_layer_does_not_hold():
+    pm, dm = _twins("causal_lm", [["q_proj"], ["v_proj"]])
+    pm.base_model.set_adapter(["a", "b"])
+    dm.set_adapter(["a", "b"])
+    for model in (pm, dm):
+        lin = _layer(model, "layers.0.self_attn.q_proj")  # holds a only
+        lin.enable_adapters(False)
+        lin.enable_adapters(True)
+    assert dm.get_model_status().active_adapters == pm.get_model_status().active_adapters == ["a", "b"]
+    assert dm.get_model_status().enabled == pm.get_model_status().enabled is True
+
+
+def test_merge_and_unload_keeps_a_heads_own_active_copy():
+    x = tiny_inputs("llama", "seq_cls")
+    outs = []
+    for model in _twins("seq_cls", [["q_proj"], ["q_proj"]], task_type="SEQ_CLS"):
+        model.eval()
+        _layer(model, "score").set_adapter("b")  # the head's own choice; the model's active adapter stays a
+        before = model(**x).logits
+        outs.append((before, model.merge_and_unload()(**x).logits))
+    (p_before, p_after), (d_before, d_after) = outs
+    torch.testing.assert_close(d_before, p_before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(p_after, p_before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(d_after, p_after, atol=1e-5, rtol=1e-5)
+
+
+def test_delete_takes_the_first_adapter_layers_choice_not_the_token_wrappers():
+    tokens = dict(task_type="SEQ_CLS", trainable_token_indices={"embed_tokens": [3]})
+    x = tiny_inputs("llama", "seq_cls")
+    outs = []
+    for model in _twins("seq_cls", [["q_proj", "v_proj"], ["v_proj"], ["q_proj"]], **tokens):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.delete_adapter("a")
+        model.eval()
+        outs.append((model.active_adapters, model(**x).logits))
+    (p_active, p_logits), (d_active, d_logits) = outs
+    assert d_active == p_active == ["c"]
+    torch.testing.assert_close(d_logits, p_logits, atol=1e-5, rtol=1e-5)

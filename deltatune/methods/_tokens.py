@@ -128,9 +128,8 @@ class VirtualTokens(DeltaLayer):
         self._handles.clear()
         return None
 
-    def merge(
-        self, name: str | bool | None = None, *args, **kwargs
-    ) -> None:  # named or not (the active), as every layer's
+    def merge(self, name: str | bool | None = None, *args, **kwargs) -> None:
+        """Named or not (the active), as every layer's: refused, virtual tokens have nothing to merge."""
         names = [name] if isinstance(name, str) else self.active_adapters or self.adapter_names
         method = self.specs[names[0]].method if names and names[0] in self.specs else "token"
         what = f"{method} adapter {', '.join(map(repr, names))} adds virtual tokens"
