@@ -414,3 +414,34 @@ def test_delete_takes_the_first_adapter_layers_choice_not_the_token_wrappers():
     (p_active, p_logits), (d_active, d_logits) = outs
     assert d_active == p_active == ["c"]
     torch.testing.assert_close(d_logits, p_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_failed_load_loras_and_a_server_s_unload_say_nothing(tmp_path):
+    """The callers of quiet_deletes, not the block alone: diffusion.load_loras rolling back its first (active) LoRA
+    when a later path is missing, and serve's Engine unloading the active adapter, give no 'was active' warning."""
+    from types import SimpleNamespace
+
+    from deltatune.diffusion import load_loras
+    from deltatune.serve.engine import Engine
+
+    torch.manual_seed(0)
+    saved = dt.get_delta_model(tiny_model("llama", "causal_lm"), dt.LoraConfig(target_modules=["q_proj"], **KW))
+    saved.save_pretrained(tmp_path / "a")
+    model = tiny_model("llama", "causal_lm")
+    paths, raised = [tmp_path / "a", tmp_path / "a", tmp_path / "missing"], None
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            load_loras(model, paths)
+        except Exception as e:
+            raised = e
+    assert raised is not None and "missing" in str(raised), raised
+    assert not [str(w.message) for w in seen if "was active" in str(w.message)]
+    served = dt.get_delta_model(tiny_model("llama", "causal_lm"), dt.LoraConfig(target_modules=["q_proj"], **KW))
+    served.add_adapter("b", dt.LoraConfig(target_modules=["q_proj"], **KW))
+    engine = Engine(served, SimpleNamespace(pad_token_id=0, eos_token_id=1))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        engine.unload_adapter("default")
+    assert not [str(w.message) for w in seen if "was active" in str(w.message)]
+    assert list(served.peft_config) == ["b"] and served.active_adapters == ["b"]
