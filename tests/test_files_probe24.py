@@ -202,6 +202,28 @@ def _child(target):
     return pid
 
 
+def _paused_save(model, folder, pid=None):
+    """Start ``model.save_pretrained(folder)`` in a child (its getpid saying ``pid`` where given) that pauses after its
+    first file moved in: (child's pid, the pipe it writes when paused, the pipe that lets it go on)."""
+    moved, go = os.pipe(), os.pipe()
+
+    def save():
+        if pid is not None:
+            os.getpid = lambda: pid
+        real = os.replace
+
+        def replace(src, dst, *a, **k):
+            real(src, dst, *a, **k)
+            if ".saving-" in os.fspath(src) and ".saving-" not in os.fspath(dst) and not os.path.isdir(dst):
+                os.write(moved[1], b"x")
+                os.read(go[0], 1)
+
+        os.replace = replace
+        model.save_pretrained(folder)
+
+    return _child(save), moved, go
+
+
 def test_a_live_save_whose_pid_is_not_seen_here_is_not_taken_over(tmp_path, monkeypatch):
     """Review B3: a save under way in another pid namespace (another container sharing the volume and host name:
     here a child whose getpid says a pid that does not run) was taken as killed: a load finished its moves and
@@ -214,22 +236,7 @@ def test_a_live_save_whose_pid_is_not_seen_here_is_not_taken_over(tmp_path, monk
 
     old, new = _delta(0), _delta(1, r=4)
     old.save_pretrained(tmp_path)
-    moved, go = os.pipe(), os.pipe()
-
-    def save():
-        os.getpid = lambda: 999999
-        real = os.replace
-
-        def replace(src, dst, *a, **k):
-            real(src, dst, *a, **k)
-            if ".saving-" in os.fspath(src) and ".saving-" not in os.fspath(dst) and not os.path.isdir(dst):
-                os.write(moved[1], b"x")
-                os.read(go[0], 1)
-
-        os.replace = replace
-        new.save_pretrained(tmp_path)
-
-    pid = _child(save)
+    pid, moved, go = _paused_save(new, tmp_path, pid=999999)
     try:
         os.read(moved[0], 1)
         before = _files(tmp_path)
@@ -359,21 +366,7 @@ def test_with_no_locks_a_live_save_here_is_waited_for_and_windows_is_not_killed(
     monkeypatch.setattr(saves, "WAIT", 0.2)
     old, new = _delta(0), _delta(1, r=4)
     old.save_pretrained(tmp_path)
-    moved, go = os.pipe(), os.pipe()
-
-    def save():
-        real = os.replace
-
-        def replace(src, dst, *a, **k):
-            real(src, dst, *a, **k)
-            if ".saving-" in os.fspath(src) and ".saving-" not in os.fspath(dst) and not os.path.isdir(dst):
-                os.write(moved[1], b"x")
-                os.read(go[0], 1)
-
-        os.replace = replace
-        new.save_pretrained(tmp_path)
-
-    pid = _child(save)
+    pid, moved, go = _paused_save(new, tmp_path)
     try:
         os.read(moved[0], 1)
         with pytest.raises(OSError) as refused:
