@@ -172,22 +172,29 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cls, data, tmp_path)
     assert json.loads((out / "stopped.json").read_text())["reason"].startswith("NonFiniteLossError: ")
 
 
+@pytest.fixture(scope="module")
+def single_eight(tiny_cls, data, tmp_path_factory):
+    """One process with the first 8 rows, all of them every step: the run both sharded runs are held to."""
+    folder = tmp_path_factory.mktemp("single")
+    small = folder / "eight.jsonl"
+    small.write_text("\n".join(Path(data).read_text().splitlines()[:8]) + "\n")
+    single = _write_recipe(
+        folder / "single.yaml", model=tiny_cls, data=str(small), out=str(folder / "single"), epochs=3, batch_size=8
+    )
+    done = _cli(["train", single])
+    assert done.returncode == 0, done.stderr[-2000:]
+    return small, folder / "single"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_two_processes_equal_single(tiny_cls, data, tmp_path, sharding):
+def test_two_processes_equal_single(tiny_cls, single_eight, tmp_path, sharding):
     """2 CPU processes (gloo), 4 rows each, against one process with all 8 rows per step: the same global batch
     (8 rows, every step the whole data set), so the adapters agree to float noise. DDP, and FSDP with only the
     adapter trainable (full_shard, use_orig_params)."""
     import yaml
 
-    rows = Path(data).read_text().splitlines()[:8]
-    small = tmp_path / "eight.jsonl"
-    small.write_text("\n".join(rows) + "\n")
-    single = _write_recipe(
-        tmp_path / "single.yaml", model=tiny_cls, data=str(small), out=str(tmp_path / "single"), epochs=3, batch_size=8
-    )
-    done = _cli(["train", single])
-    assert done.returncode == 0, done.stderr[-2000:]
+    small, single = single_eight
     extra = {
         "fsdp": "full_shard auto_wrap",
         "fsdp_config": {"use_orig_params": True, "transformer_layer_cls_to_wrap": ["BertLayer"]},
@@ -215,7 +222,7 @@ def test_two_processes_equal_single(tiny_cls, data, tmp_path, sharding):
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert json.loads((tmp_path / "multi" / "metrics.json").read_text())["train_steps"] == 3
-    assert_same_adapter(adapter(tmp_path / "single"), adapter(tmp_path / "multi"), atol=1e-5)
+    assert_same_adapter(adapter(single), adapter(tmp_path / "multi"), atol=1e-5)
 
 
 def test_checkpointing_arguments_use_the_names_transformers_reads(tmp_path):
