@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 _CONTEXT = (5, 24)  # the prompt tokens decoded before the answer: at least 5, more while they end inside a character
+_WINDOW = 6  # the tokens before the last step's end that the next step's new text is decoded after (vLLM's 5, + 1)
 
 
 class Detokenizer:
@@ -31,6 +32,7 @@ class Detokenizer:
         # right after another is its raw text (a WordPiece decoder's " [SEP]" after "[CLS]" is "[SEP]")
         self.joined = set() if skip_special_tokens or spaces_between_special_tokens else _added(tokenizer)
         self.context: list[int] | None = None  # None: the answer is decoded alone; set at its first token
+        self._last: tuple[list[int], str] | None = None  # the ids last decoded whole (``_grown``) and their text
 
     def _prime(self, first: int) -> list[int]:
         """The prompt tokens to decode before the answer: none unless its first token carries a SentencePiece
@@ -82,6 +84,28 @@ class Detokenizer:
             decode(ids[a:b], skip_special_tokens=self.skip, clean_up_tokenization_spaces=False) for a, b in pieces
         )
 
+    def _grown(self, ids: list[int], start: int) -> str:
+        """``_decode(ids, start)`` in time linear in the new tokens, not in the whole answer (decoded whole at each
+        token, a long answer's text cost O(n^2)): where ``ids`` extends the ids decoded last, the new text is that of
+        the last ``_WINDOW`` tokens and the new ones, less that of those tokens alone (vLLM's incremental
+        detokenisation, decoders being local); decoded whole where that cannot be read off (the window's text ends
+        inside a character or is no prefix, added tokens joined without spaces)."""
+        last, text = self._last or ([], "")
+        a = len(last)
+        if a > _WINDOW and not self.joined and len(ids) >= a and ids[:a] == last:
+            window, decode = ids[a - _WINDOW :], self.tokenizer.decode
+            head = decode(window[:_WINDOW], skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
+            tail = decode(window, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
+            if head and not head.endswith("\ufffd") and tail.startswith(head):
+                text += tail[len(head) :]
+            else:
+                text = self._decode(ids, start)
+        else:
+            text = self._decode(ids, start)
+        if not text.endswith("\ufffd"):  # the next step's window starts after a whole character
+            self._last = (list(ids), text)
+        return text
+
     def text(self, output_ids: list[int]) -> str:
         """The answer's text: decoded after the context, less the context's own text (the answer alone where the
         context's text does not stay a prefix)."""
@@ -95,8 +119,8 @@ class Detokenizer:
                 return self._decode(output_ids)
             self.context = self._prime(first)
         if not self.context:
-            return self._decode(output_ids)
-        whole = self._decode(self.context + output_ids, len(self.context))
+            return self._grown(output_ids, 0)
+        whole = self._grown(self.context + output_ids, len(self.context))
         return whole[len(self.prefix) :] if whole.startswith(self.prefix) else self._decode(output_ids)
 
 
