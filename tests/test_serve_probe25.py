@@ -76,3 +76,58 @@ def test_a_sentencepiece_answer_keeps_its_first_space_step_by_step_in_linear_tim
     counting = _Counting(tok)
     assert _steps(counting, [1, 3], answer) == _vllm_steps(tok, [1, 3], answer)
     assert counting.decoded < 20 * len(answer)
+
+
+def _vllm_penalties(logits, prompt: list[int], output: list[int], rep: float, freq: float, pres: float):
+    """vLLM's apply_penalties (model_executor/layers/utils.py) for one row: the repetition penalty over the prompt's
+    and the output's tokens (a positive logit divided, the others multiplied), then the frequency penalty times each
+    token's count in the output and the presence penalty once per token in it, subtracted."""
+    import torch
+
+    vocab = logits.shape[-1]
+    counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab).to(logits.dtype)
+    mask = torch.bincount(torch.tensor(prompt, dtype=torch.long), minlength=vocab) > 0
+    penalties = torch.where(mask | (counts > 0), torch.tensor(rep), torch.tensor(1.0))
+    logits = torch.where(logits > 0, logits / penalties, logits * penalties)
+    logits = logits - freq * counts
+    return logits - pres * (counts > 0).to(logits.dtype)
+
+
+def test_a_rows_penalties_are_vllms_and_cost_its_new_tokens_alone(monkeypatch):
+    """A row's repetition, frequency and presence penalties at each step of a 300-token answer (a 200-token prompt,
+    repeated tokens, negative and positive logits) are vLLM's apply_penalties'; the ids turned into tensors for them
+    stay the prompt's once and each new token's. Before, every step rebuilt them from the whole prompt and answer (a
+    Python set and a host tensor of prompt + answer per row per step: O(n^2) host work over a long answer, in the one
+    thread that drives the model; 300 steps: 115,442 ids)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from deltatune.serve import sampling
+
+    converted = [0]
+
+    class _Torch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def tensor(data, *args, **kwargs):
+            converted[0] += len(data) if isinstance(data, list) else 1
+            return torch.tensor(data, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "torch", _Torch())
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 500, (200,), generator=g).tolist()
+    answer = torch.randint(0, 400, (300,), generator=g).tolist()
+    r = SimpleNamespace(prompt_ids=prompt, output_ids=[], repetition_penalty=1.3, frequency_penalty=0.4,
+                        presence_penalty=-0.7)  # fmt: skip
+    for i, t in enumerate(answer):
+        logits = torch.randn(1000, generator=g) * 4
+        if i % 50 == 0:
+            want = _vllm_penalties(logits, prompt, r.output_ids, 1.3, 0.4, -0.7)
+            torch.testing.assert_close(sampling.adjusted(logits, r), want, rtol=0, atol=1e-6)
+        else:
+            sampling.adjusted(logits, r)
+        r.output_ids.append(t)
+    assert converted[0] <= len(prompt) + len(answer)

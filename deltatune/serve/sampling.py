@@ -83,18 +83,35 @@ def adjusted(logits: torch.Tensor, r: Any, gen: Any = None, eos: Collection[int]
         ids = torch.tensor(list(bias), device=logits.device)
         logits = logits.index_add(0, ids, torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device))
     penalty = _setting(r, gen, "repetition_penalty") or 1.0
-    if penalty != 1.0:
-        seen = torch.tensor(list(dict.fromkeys(r.prompt_ids + r.output_ids)), device=logits.device)
-        score = logits[seen]
-        logits = logits.scatter(0, seen, torch.where(score < 0, score * penalty, score / penalty))
     frequency, presence = getattr(r, "frequency_penalty", 0) or 0, getattr(r, "presence_penalty", 0) or 0
-    if (frequency or presence) and r.output_ids:
-        ids, counts = torch.tensor(r.output_ids, device=logits.device).unique(return_counts=True)
+    if penalty != 1.0 or ((frequency or presence) and r.output_ids):
+        seen, counts = _counted(r, logits)
+        if penalty != 1.0:
+            logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
         if frequency:  # two subtractions, as vLLM rounds them
-            logits = logits.index_add(0, ids, counts.to(logits.dtype) * -frequency)
+            logits = logits - counts * frequency
         if presence:
-            logits = logits.index_add(0, ids, torch.full_like(ids, -presence, dtype=logits.dtype))
+            logits = logits - (counts > 0).to(logits.dtype) * presence
     return logits
+
+
+def _counted(r: Any, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row's tokens so far over the vocabulary: (in the prompt or the answer (a mask), each one's count in the
+    answer), kept on the row and brought up to date with its new tokens alone (built again from the ids at each step,
+    a long row's penalties cost O(n) host work per token)."""
+    n, out = len(r.prompt_ids), len(r.output_ids)
+    state = getattr(r, "_penalty_counts", None)
+    if state is None or state[0] != n or state[1] > out or state[2].shape != logits.shape:
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        seen[torch.tensor(r.prompt_ids, dtype=torch.long, device=logits.device)] = True
+        state = [n, 0, seen, torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)]
+        r._penalty_counts = state
+    if state[1] < out:
+        new = torch.tensor(r.output_ids[state[1] :], dtype=torch.long, device=logits.device)
+        state[2][new] = True
+        state[3].index_add_(0, new, torch.ones(len(new), dtype=logits.dtype, device=logits.device))
+        state[1] = out
+    return state[2], state[3]
 
 
 def _ends_with(ids: list[int], tail: list[int]) -> bool:
