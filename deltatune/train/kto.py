@@ -276,6 +276,9 @@ def balance_note(n_desirable: int, n_undesirable: int, align: AlignArgs, source:
     for kind in ("desirable", "undesirable"):
         if getattr(align, f"{kind}_weight") == 0:
             return f"align.{kind}_weight is 0: the {kind} rows of {source} teach nothing"
+    if not (n_desirable and n_undesirable):  # (TRL's KTOTrainer trains such data, its note counting max(n, 1))
+        return (f"{source}: {n_desirable} desirable and {n_undesirable} undesirable rows: only the "
+                f"{'desirable' if n_desirable else 'undesirable'} loss trains")  # fmt: skip
     ratio = align.desirable_weight * n_desirable / (align.undesirable_weight * n_undesirable)
     if 1.0 <= ratio <= 4 / 3:
         return None
@@ -324,7 +327,8 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
         ConfigError: train.batch_size < 2 (the reference point needs mismatched pairs within a batch; an eval batch
             of one is fine: eval rows are paired in blocks of train.batch_size, as TRL pairs them), unless
             align.loss_type is apo_zero_unpaired (no reference point; TRL refuses it only where it computes one).
-        DataError: a bad row, or a training file without both desirable and undesirable rows.
+        DataError: a bad row, or an eval file without both desirable and undesirable rows (training data of one
+            label trains, as TRL's, with a warning).
     """
     from functools import partial
 
@@ -370,13 +374,14 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
     train = enc(train_samples, "train")
     ev = enc(eval_samples, "eval") if eval_samples else None
     ev = pair_in_blocks(ev, cfg.train.batch_size) if ev and kl else ev
-    for path, rows in ((cfg.data.train, train), (cfg.data.eval, ev or [])):
-        n_good = sum(e["desirable"] for e in rows)
-        if rows and (n_good == 0 or n_good == len(rows)):  # eval: its margin (the run's best-model metric) needs both
-            raise DataError(
-                f"{path}: KTO needs both desirable and undesirable rows (column {d.label_column!r}); "
-                f"found {n_good} desirable and {len(rows) - n_good} undesirable"
-            )
+    # (training data of one label trains, as TRL's KTOTrainer trains it, with balance_note's warning; eval's margin,
+    # the run's best-model metric, needs both)
+    n_good = sum(e["desirable"] for e in ev or [])
+    if ev and (n_good == 0 or n_good == len(ev)):
+        raise DataError(
+            f"{cfg.data.eval}: KTO needs both desirable and undesirable rows to evaluate (column {d.label_column!r}; "
+            f"its margin is the run's best-model metric); found {n_good} desirable and {len(ev) - n_good} undesirable"
+        )
     n_good = sum(e["desirable"] for e in train)
     warning = balance_note(n_good, len(train) - n_good, cfg.align, cfg.data.train)
     if warning:
