@@ -155,13 +155,15 @@ def _folder(folder: str, text_column: str, limit: int | None) -> list[Row]:
 def _row_range(spec: str, path: str, text: str, text_column: str, limit: int | None) -> list[Row]:
     """``read_rows`` for ``path[start:stop]``: the file's rows sliced as Python slices them."""
     parts = text.split(":")
-    if len(parts) != 2 or not all(re.fullmatch(r"-?\d*", p.strip()) for p in parts):
+    if len(parts) != 2 or not all(re.fullmatch(r"-?\d*%?", p.strip()) and p.strip() != "%" for p in parts):
         raise DataError(
-            f"{spec}: a row range is written [start:stop] in whole numbers, rows counted from 0 as in Python "
-            f"(e.g. {os.path.basename(path)}[1000:2000]); got [{text}]"
+            f"{spec}: a row range is written [start:stop] in whole numbers (or percents, [:10%]), rows counted from "
+            f"0 as in Python (e.g. {os.path.basename(path)}[1000:2000]); got [{text}]"
         )
     if path.lower().endswith(".txt"):
         raise DataError(f"{spec}: a .txt file is one document, it has no rows to take a range of")
+    if "%" in text:  # the datasets library's percent slice ('train[:10%]')
+        return _percent_range(spec, path, text, parts, text_column, limit)
     start, stop = (int(p) if p.strip() else None for p in parts)
     if start is not None and stop is not None and 0 <= stop <= start:
         raise DataError(f"{spec}: the range [{text}] selects no rows (it ends where it starts or before)")
@@ -171,6 +173,25 @@ def _row_range(spec: str, path: str, text: str, text_column: str, limit: int | N
     rows = everything[start:stop]
     if not rows:
         raise DataError(f"{spec}: the range [{text}] selects no rows (the file has {len(everything)})")
+    return rows[:limit] if limit else rows
+
+
+def _percent_range(
+    spec: str, path: str, text: str, parts: list[str], text_column: str, limit: int | None
+) -> list[Row]:
+    """``path[a%:b%]`` as datasets 5.2 slices a split (``arrow_reader._rel_to_abs_instr``): a ``%`` on either end
+    makes both percents, each rounded to the closest row (``round(pct * n / 100)``), a negative one counted from the
+    end, both clipped to the rows there are."""
+    pcts = [int(p.strip().rstrip("%")) if p.strip().rstrip("%") else None for p in parts]
+    if any(p is not None and abs(p) > 100 for p in pcts):
+        raise DataError(f"{spec}: a percent row range's ends lie between -100% and 100%; got [{text}]")
+    everything = read_rows(path, text_column, None)
+    n = len(everything)
+    start, stop = (round(p * n / 100.0) if p is not None else d for p, d in zip(pcts, (0, n)))
+    start, stop = (min(max(n + x, 0) if x < 0 else x, n) for x in (start, stop))
+    rows = everything[start:stop]
+    if not rows:
+        raise DataError(f"{spec}: the range [{text}] selects no rows (rows {start} to {stop} of {n})")
     return rows[:limit] if limit else rows
 
 

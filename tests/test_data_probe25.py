@@ -1,0 +1,35 @@
+"""Probe 25, data loading: a row range in percents (``train.jsonl[:10%]``) reads the rows datasets 5.2's split
+slicing reads for the same file (``load_dataset("json", split="train[:10%]")``); it was refused as "not whole
+numbers"."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deltatune.data.load import DataError, read_rows
+
+SLICES = ["[:10%]", "[10%:35%]", "[-25%:]", "[:-5%]", "[5:50%]", "[33%:67%]"]
+
+
+def test_percent_row_ranges_read_what_datasets_reads(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(23)))  # 23: rounding matters
+    # one slice through load_dataset itself, all through the rule it slices by (arrow_reader.ReadInstruction)
+    ref = datasets.load_dataset("json", data_files=str(path), split="train[10%:35%]", cache_dir=str(tmp_path / "c"))
+    assert [r.data["text"] for r in read_rows(f"{path}[10%:35%]")] == ref["text"]
+    for sl in SLICES:
+        (absolute,) = datasets.ReadInstruction.from_spec(f"train{sl}").to_absolute({"train": 23})
+        ours = [r.data["text"] for r in read_rows(f"{path}{sl}")]
+        assert ours == [f"row {i}" for i in range(absolute.from_, absolute.to)], sl
+
+
+def test_percent_row_range_refusals(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(4)))
+    with pytest.raises(DataError, match="between -100% and 100%"):
+        read_rows(f"{path}[:150%]")  # (datasets: "Percent slice boundaries must be > -100 and < 100.")
+    with pytest.raises(DataError, match="selects no rows"):
+        read_rows(f"{path}[:10%]")  # round(0.4) = 0 rows of 4
