@@ -33,3 +33,21 @@ def test_percent_row_range_refusals(tmp_path):
         read_rows(f"{path}[:150%]")  # (datasets: "Percent slice boundaries must be > -100 and < 100.")
     with pytest.raises(DataError, match="selects no rows"):
         read_rows(f"{path}[:10%]")  # round(0.4) = 0 rows of 4
+
+
+def test_arrow_files_read_as_datasets_reads_them(tmp_path):
+    """A ``.arrow`` file (datasets' ``arrow`` builder, LLaMA-Factory's FILEEXT2TYPE) was refused as "not .arrow"; it
+    reads the rows ``load_dataset("arrow")`` reads: the stream format save_to_disk writes, and the file format."""
+    datasets = pytest.importorskip("datasets")
+    pa = pytest.importorskip("pyarrow")
+    table = pa.table({"instruction": ["a", "b", "c"], "output": ["x", "y", "z"]})
+    for name, new in (("stream.arrow", pa.ipc.new_stream), ("file.arrow", pa.ipc.new_file)):
+        path = str(tmp_path / name)
+        with new(path, table.schema) as writer:
+            writer.write_table(table)
+        ref = datasets.load_dataset("arrow", data_files=path, split="train", cache_dir=str(tmp_path / "c"))
+        assert [r.data for r in read_rows(path)] == ref.to_list(), name
+        assert [r.data for r in read_rows(path + "[1:]")] == ref.to_list()[1:], name
+    (tmp_path / "bad.arrow").write_bytes(b"not arrow at all")
+    with pytest.raises(DataError, match="bad.arrow: not a readable Arrow file"):
+        read_rows(str(tmp_path / "bad.arrow"))

@@ -1,4 +1,4 @@
-"""Read rows from JSONL, JSON, CSV/TSV, Parquet, plain text, or a datasets-hub name.
+"""Read rows from JSONL, JSON, CSV/TSV, Parquet, Arrow, plain text, or a datasets-hub name.
 
 Every row keeps where it came from (file and line), so a bad row is reported as
 ``train.jsonl:17: column 'label' is missing`` instead of a KeyError deep in a collator.
@@ -61,7 +61,7 @@ class Row:
         raise DataError(f"{self.source}: column {column!r} must be text, got {type(value).__name__}")
 
 
-EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
+EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
 _RANGE = re.compile(r"(?P<path>.+?)\[(?P<range>[^\[\]]*)\]")
 
 
@@ -78,7 +78,7 @@ def read_rows(spec: str, text_column: str = "text", limit: int | None = None) ->
     """Read every row of a data file (or hub dataset ``name[:split]``).
 
     Args:
-        spec: a path ending in .jsonl, .json, .csv, .tsv, .parquet or .txt, a folder of such files (all of one
+        spec: a path ending in .jsonl, .json, .csv, .tsv, .parquet, .arrow or .txt, a folder of such files (all of one
             kind, .json and .jsonl counting as one, read in name order), or a datasets-hub name. A file or folder
             path may end in a row range, as the datasets hub's split slicing has it: ``train.jsonl[1000:2000]`` is
             rows 1000 to 1999 counted from 0 (blank lines not counted; a folder's rows counted across its files in
@@ -100,9 +100,15 @@ def read_rows(spec: str, text_column: str = "text", limit: int | None = None) ->
     if ext in EXTENSIONS:
         if not os.path.isfile(spec):
             raise DataError(f"data file {spec!r} does not exist")
-        reader = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".tsv": _csv, ".parquet": _parquet, ".txt": _text}[
-            ext
-        ]
+        reader = {
+            ".jsonl": _jsonl,
+            ".json": _json,
+            ".csv": _csv,
+            ".tsv": _csv,
+            ".parquet": _parquet,
+            ".arrow": _arrow,
+            ".txt": _text,
+        }[ext]
         try:
             rows = reader(spec, text_column, limit)
         except UnicodeDecodeError as exc:
@@ -443,6 +449,26 @@ def _parquet(path: str, _column: str, limit: int | None) -> list[Row]:
         table = pq.read_table(path)
     except pa.ArrowException as exc:  # not Parquet, or cut short
         raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+    records = table.slice(0, limit).to_pylist() if limit else table.to_pylist()
+    return [Row(r, f"{path}[{i}]") for i, r in enumerate(records)]
+
+
+def _arrow(path: str, _column: str, limit: int | None) -> list[Row]:
+    """An Arrow IPC file as datasets' ``arrow`` builder reads it (LLaMA-Factory's ``.arrow``): the stream format
+    (``Dataset.save_to_disk``'s ``data-*.arrow``), else the random-access file format."""
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise DataError("reading Arrow files needs pyarrow: pip install 'deltatune[train]'") from None
+    try:
+        with pa.memory_map(path) as source:
+            try:
+                table = pa.ipc.open_stream(source).read_all()
+            except (OSError, pa.ArrowInvalid):
+                source.seek(0)
+                table = pa.ipc.open_file(source).read_all()
+    except (OSError, pa.ArrowException) as exc:  # not Arrow, or cut short
+        raise DataError(f"{path}: not a readable Arrow file ({str(exc).splitlines()[0]})") from None
     records = table.slice(0, limit).to_pylist() if limit else table.to_pylist()
     return [Row(r, f"{path}[{i}]") for i, r in enumerate(records)]
 
