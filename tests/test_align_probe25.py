@@ -39,3 +39,40 @@ def test_kto_trains_on_desirable_rows_only_as_trl_does(tmp_path, loss_type):
     losses, _ = kto.kto_loss(policy, ref, batch["desirable"], z0, 0.1, 1.0, 1.0, loss_type)
     kl = z0 if loss_type == "kto" else 0.0
     assert torch.allclose(losses, 1 - torch.sigmoid(0.1 * ((policy - ref) - kl)))
+
+
+def test_orpo_and_cpo_add_a_moe_models_load_balancing_loss_as_trl(tmp_path):
+    """TRL 1.16's ORPOTrainer and CPOTrainer (SimPO: loss_type simpo) add router_aux_loss_coef times the forward's
+    aux_loss where the model's config has output_router_logits true; HEAD left it out (a Mixtral with coef 0.05:
+    the loss short by 0.05 x aux_loss, about 0.1). Each loss is now the same loss of the model without the term, plus
+    coef times transformers' own aux_loss of the (chosen + rejected) batch."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM, TrainingArguments
+
+    from deltatune.train.config import AlignArgs
+    from deltatune.train.orpo import ORPOTrainer
+    from deltatune.train.simpo import SimPOTrainer
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+                           output_router_logits=True, router_aux_loss_coef=0.05)  # fmt: skip
+    model = MixtralForCausalLM(config).eval()
+    ids = torch.randint(1, 32, (4, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = mask[3, 6:] = 0
+    labels = torch.where(mask.bool(), ids, -100)
+    labels[:, :3] = -100
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    with torch.no_grad():
+        aux = model(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
+    for make in (lambda: ORPOTrainer(model=model, args=args, align=AlignArgs(beta=0.2, disable_dropout=False)),
+                 lambda: SimPOTrainer(model=model, args=args, align=AlignArgs(beta=2.0, disable_dropout=False))):  # fmt: skip
+        losses = []
+        for on in (True, False):  # (the trainer built with the config's output_router_logits so)
+            model.config.output_router_logits = on
+            with torch.no_grad():
+                losses.append(make().compute_loss(model, batch).item())
+        model.config.output_router_logits = True
+        assert abs(losses[0] - (losses[1] + 0.05 * aux.item())) < 1e-6 and aux.item() > 1.0

@@ -113,6 +113,15 @@ def router_aux_coef(model: torch.nn.Module) -> float:
     return float(getattr(text, "router_aux_loss_coef", 0.0) or 0.0) if hasattr(text, "output_router_logits") else 0.0
 
 
+def router_aux_coef_when_on(model: torch.nn.Module) -> float:
+    """The weight of a Mixture-of-Experts model's load-balancing loss in TRL 1.16's ORPO and CPO (SimPO) losses: the
+    config's ``router_aux_loss_coef`` where its ``output_router_logits`` is true (not merely declared, as DPO's and
+    KTO's ``router_aux_coef``), else 0."""
+    config = getattr(model, "config", None)
+    on = bool(getattr(config, "output_router_logits", False))
+    return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0) if on else 0.0
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
@@ -126,14 +135,13 @@ def sequence_logprobs(
 
 
 def response_logprobs(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], stats: dict | None = None
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], stats: dict | None = None, aux: list | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probs (B,), number of label tokens (B,)) of each sequence: the average log-prob of a response
     (ORPO, SimPO) is their ratio. ``batch`` holds input_ids, attention_mask, labels; ``stats``: see
-    ``token_logprobs``."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ``token_logprobs``; ``aux``: see ``model_token_logprobs``."""
     counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
-    return token_logprobs(logits, batch["labels"], stats).sum(-1), counts
+    return model_token_logprobs(model, batch, stats, aux).sum(-1), counts
 
 
 @torch.no_grad()

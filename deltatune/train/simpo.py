@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import AlignArgs, RunConfig
-from .logprobs import response_logprobs
+from .logprobs import response_logprobs, router_aux_coef_when_on
 from .pairs import PairTrainer, Pooled, disable_dropout
 from .prepared import Prepared
 
@@ -120,12 +120,13 @@ class SimPOTrainer(PairTrainer):
     def __init__(self, *args, align: AlignArgs, loss_type: str = "simpo", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.align, self.loss_type = align, loss_type
+        self.router_coef = router_aux_coef_when_on(self.model)  # (a MoE's load-balancing loss, as TRL's CPO adds)
         if align.disable_dropout:
             disable_dropout(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        a, stats = self.align, {}
-        logps, counts = response_logprobs(model, {k: inputs[k] for k in _LM_KEYS}, stats)
+        a, stats, aux = self.align, {}, [] if self.router_coef else None
+        logps, counts = response_logprobs(model, {k: inputs[k] for k in _LM_KEYS}, stats, aux)
         (pc, pr), (nc, nr) = logps.chunk(2), counts.chunk(2)
         mean = self.loss_type in ("simpo", "ipo")  # (TRL's CPO: per-token means for these two, else sums)
         lc, lr = (pc / nc.clamp(min=1), pr / nr.clamp(min=1)) if mean else (pc, pr)
@@ -148,6 +149,8 @@ class SimPOTrainer(PairTrainer):
         loss = self.pair_mean(losses, model)
         if a.cpo_alpha:
             loss = loss + a.cpo_alpha * nll
+        if aux:  # (TRL's CPO: router_aux_loss_coef times the forward's aux_loss, over chosen and rejected rows)
+            loss = loss + self.router_coef * aux[0]
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 
 
