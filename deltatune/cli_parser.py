@@ -281,7 +281,8 @@ def check_args(args: argparse.Namespace) -> None:
     ``train..lr=1``: they read "unknown key ''" or "unknown key 'train.'" and every key of the section), or the first
     override or ``merge --out`` whose text is not UTF-8 (bytes a shell passed through: ``output.dir=$'run\\xff'``
     made the folder, then the tokenizer's save raised a UnicodeEncodeError's traceback, the folder left
-    half-written; ``merge --out`` merged, then raised the same)."""
+    half-written; ``merge --out`` merged, then raised the same). A key overridden twice with two values
+    (``train.lr=1e-3 ... train.lr=1e-4``) is said in one line on stderr: the last wins, as it did unsaid."""
     for flag, item in [("override", item) for item in getattr(args, "overrides", None) or ()] + (
         [("--out", args.out)] if args.command == "merge" else []
     ):
@@ -302,6 +303,13 @@ def check_args(args: argparse.Namespace) -> None:
             from .config import ConfigError
 
             raise ConfigError(f"{flag} '{item}' {why}")
+    given: dict[str, str] = {}  # a key set twice to two values: the last wins, as argparse's and OmegaConf's, said
+    for item in getattr(args, "overrides", None) or ():
+        key = item.split("=", 1)[0].strip()
+        if "=" in item and given.get(key, item) != item:
+            print(f"deltatune: override {key!r} is given twice ('{given[key]}', then '{item}'): the last is used",
+                  file=sys.stderr)  # fmt: skip
+        given[key] = item
 
 
 def _version() -> str:

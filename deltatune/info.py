@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -127,3 +128,33 @@ def describe(name: str, task: str | None = None) -> str:
             why = str(exc).splitlines()[0].split("; ")[0]  # its first clause: a table cell, not the whole advice
             lines.append(f"| {method} | n/a: {why if len(why) <= 120 else why[:117] + '...'} | |")
     return "\n".join(lines)
+
+
+def chat_template_jinja(template: str, eos: str | None) -> str | None:
+    """The built-in ``data.template`` as a jinja chat template, rendering as ``data.templates.render`` does (each
+    answer closed by ``eos``; the default system where the conversation has none): what ``merge`` saves with the
+    tokenizer, as LLaMA-Factory's export writes its template's jinja, so that plain transformers prompts the merged
+    model as it trained. None for ``raw`` (plain text, no chat format) and a name that is no built-in template."""
+    from .data.templates import TEMPLATES
+
+    t, eos = TEMPLATES.get(template), eos or ""
+    if t is None:
+        return None
+
+    def around(pattern: str) -> tuple[str, str]:
+        return tuple(json.dumps(part) for part in pattern.split("{content}"))  # (jinja reads JSON's string escapes)
+
+    (s0, s1), (u0, u1), (a0, a1) = around(t.system), around(t.user), around(t.assistant)
+    suffix = t.assistant.split("{content}")[1]
+    a1 = json.dumps(eos + (suffix[len(eos) :] if eos and suffix.startswith(eos) else suffix))
+    default = json.dumps(t.system.format(content=t.default_system) if t.default_system else "")
+    return (
+        "{%- if not (messages and messages[0]['role'] == 'system' and messages[0]['content']) %}"
+        f"{{{{ {default} }}}}{{%- endif %}}"
+        "{%- for m in messages %}{%- if m['role'] == 'assistant' %}"
+        f"{{{{ {a0} + m['content'] + {a1} }}}}"
+        f"{{%- elif m['role'] == 'user' %}}{{{{ {u0} + m['content'] + {u1} }}}}"
+        f"{{%- elif m['role'] == 'system' and m['content'] %}}{{{{ {s0} + m['content'] + {s1} }}}}"
+        "{%- endif %}{%- endfor %}"
+        f"{{%- if add_generation_prompt %}}{{{{ {json.dumps(t.generation_prefix)} }}}}{{%- endif %}}"
+    )
