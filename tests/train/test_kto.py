@@ -142,8 +142,10 @@ def test_loss_is_one_half_at_init(files, tmp_path):
 
 
 def test_bad_input_is_one_line(files, tmp_path):
-    with pytest.raises(DataError, match="KTO needs both desirable and undesirable rows"):
-        _prepare(build(recipe(files, str(tmp_path / "a"), train="good")), load_tokenizer(files["llama"]))
+    # A training file of one label trains, as TRL's KTOTrainer trains it, with a warning.
+    with pytest.warns(UserWarning, match="0 undesirable rows: only the desirable loss trains"):
+        one_label = _prepare(build(recipe(files, str(tmp_path / "a"), train="good")), load_tokenizer(files["llama"]))
+    assert all(e["desirable"] for e in one_label.train)
     # An eval file of one label reported a made-up 0.0 for the other side's reward, and a margin (the run's best-model
     # metric) that was the one side's reward.
     one_sided = recipe(files, str(tmp_path / "e"))
