@@ -150,6 +150,8 @@ def _check_eos(config, splits: dict[str, list[dict]]) -> None:
 def _margins(spec: str | None, cfg: RunConfig) -> dict[str, float] | None:
     """file:line -> the ``margin`` of each row of the data file ``spec``; None when no row has the column.
 
+    A CSV or TSV file's fields are text: one that writes a number is that number (``_number``).
+
     Raises:
         DataError: some rows have the column and this one has none, or not a finite number.
     """
@@ -162,7 +164,7 @@ def _margins(spec: str | None, cfg: RunConfig) -> dict[str, float] | None:
         return None
     out = {}
     for r in rows:
-        value = r.data.get(MARGIN_COLUMN)
+        value = _number(r.data.get(MARGIN_COLUMN), r.source)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise DataError(
                 f"{r.source}: column {MARGIN_COLUMN!r} must be a finite number (the pair's reward margin; other rows "
@@ -170,6 +172,17 @@ def _margins(spec: str | None, cfg: RunConfig) -> dict[str, float] | None:
             )
         out[r.source] = float(value)
     return out
+
+
+def _number(value, source: str):
+    """A CSV or TSV field's text as the number it writes (TRL reads such a file through datasets' CSV builder, which
+    types a column of numbers as floats); any other value as it is. Text of a JSON row stays text (refused)."""
+    if isinstance(value, str) and source.rpartition(":")[0].lower().endswith((".csv", ".tsv")):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 _SOURCE = "_source"
