@@ -213,10 +213,13 @@ def check_token_reward(spec: str, tokenizer) -> None:
     tokenizer reads the policy's ids alike (each policy token at its id; tokens added after them are fine; a folder
     without a tokenizer: a vocabulary of at least the policy's): TRL's PPOTrainer feeds it the policy's token ids.
     Reads files only; loads no model."""
+    import os
+
     from transformers import AutoConfig, AutoTokenizer
 
     from ..config import ConfigError
     from .grpo_reward_model import check_model_folder
+    from .models import _built_empty
 
     try:
         check_model_folder(spec)
@@ -233,9 +236,13 @@ def check_token_reward(spec: str, tokenizer) -> None:
         raise ConfigError(f"align.reward_model {spec!r}: a {name} has no score head on a decoder backbone (TRL's "
                           "PPOTrainer scores with model.score); train a reward run (stage rm) instead")  # fmt: skip
     try:
-        theirs = AutoTokenizer.from_pretrained(spec, trust_remote_code=False).get_vocab()
+        reward_tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
     except (OSError, ValueError, TypeError):
-        theirs = None
+        reward_tok = None
+    # (transformers 5 builds GPT-2's or Qwen2's tokenizer of its defaults, one token, from a folder without its
+    # files, where 4.x raised: such a folder has no tokenizer, its vocabulary is checked instead)
+    empty = reward_tok is not None and os.path.isdir(spec) and _built_empty(spec, reward_tok)
+    theirs = reward_tok.get_vocab() if reward_tok is not None and not empty else None
     ours = tokenizer.get_vocab()
     moved = sorted((i, t) for t, i in ours.items() if theirs.get(t) != i) if theirs is not None else []
     other = moved[0][1] if moved else None  # (the lowest id: the same token named every time)
