@@ -51,3 +51,20 @@ def test_arrow_files_read_as_datasets_reads_them(tmp_path):
     (tmp_path / "bad.arrow").write_bytes(b"not arrow at all")
     with pytest.raises(DataError, match="bad.arrow: not a readable Arrow file"):
         read_rows(str(tmp_path / "bad.arrow"))
+
+
+def test_a_file_pattern_is_refused_as_a_path_not_sent_to_the_hub(tmp_path, monkeypatch):
+    """``data/*`` (a datasets data_files pattern) was taken for a hub name: 10 s of importing datasets, then "could
+    not be loaded from the datasets hub"; no hub name holds * or ? (repo ids are letters, digits, - _ .)."""
+    import deltatune.data.load as load
+
+    def hub(name, limit):
+        raise AssertionError(f"{name!r} sent to the datasets hub")
+
+    monkeypatch.setattr(load, "_hub", hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text('{"text": "a"}\n')
+    for spec in ("data/*", "data/?.jsonl", "data/*.jsonl[:1]"):
+        with pytest.raises(DataError, match=r"no file pattern \(\*, \?\).*name the folder"):
+            read_rows(spec)

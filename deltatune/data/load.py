@@ -97,6 +97,11 @@ def read_rows(spec: str, text_column: str = "text", limit: int | None = None) ->
     if os.path.isdir(spec):
         return _folder(spec, text_column, limit)
     ext = os.path.splitext(spec)[1].lower()
+    if any(c in spec for c in "*?") and not os.path.exists(spec):  # (no hub name holds one: not sent there)
+        raise DataError(
+            f"data path {spec!r} does not exist: deltatune reads no file pattern (*, ?), as datasets' data_files "
+            "does; name the folder (its data files are read in name order) or one file"
+        )
     if ext in EXTENSIONS:
         if not os.path.isfile(spec):
             raise DataError(f"data file {spec!r} does not exist")
