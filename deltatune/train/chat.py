@@ -76,7 +76,8 @@ def prompt_ids(
         from ..data.templates import render
 
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        messages = ([{"role": "system", "content": system}] if system is not None else []) + messages
+        if system is not None and (not messages or messages[0]["role"] != "system"):  # (a row's own one wins)
+            messages = [{"role": "system", "content": system}, *messages]
         text = render(messages, tok, template, add_generation_prompt=True, tools=tools, kwargs=kwargs)[0]
         # The tokenizer's leading specials (Llama's BOS, BERT's [CLS]) as training put them before the conversation;
         # not its closing ones (BERT's [SEP]), which training has after the answer, not after the assistant header.
