@@ -67,7 +67,9 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
-    train: str | None = _f(None, "Training data: .jsonl/.json/.csv/.tsv/.parquet/.txt path or hub dataset name.")
+    train: str | None = _f(
+        None, "Training data: .jsonl/.json/.csv/.tsv/.parquet/.arrow/.txt path or hub dataset name."
+    )
     eval: str | None = _f(None, "Evaluation data (same formats); metrics.json reports on it.")
     text_column: str = _f("text", "Text column (cls, pt).")
     text_pair_column: str | None = _f(None, "Second text column for sentence-pair classification.")
