@@ -421,7 +421,7 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
     if not d.train:
         raise DataError("data.train is not set: give a data file with an image column and a caption column")
     options, prior = loss_options(cfg.train, processor.flow), prior_options(cfg)  # (t2i_prior: DreamBooth's)
-    kind = t2i_noise.check_prediction_type(cfg.train, processor.flow)  # (all checked before any class image is drawn)
+    kind = t2i_noise.check_prediction_type(cfg.train, processor.flow, processor.scheduler)  # (before any drawing)
     ema, shown = ema_options(cfg.train), validation_options(cfg.train)  # (t2i_ema, t2i_validation)
     options |= {"prior_loss_weight": prior["weight"]} if prior else {}
     augment = list(d.augment)  # (diffusers' scripts' RandomCrop without --center_crop, and --random_flip)

@@ -236,13 +236,22 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 """``train.prediction_type``: what a DDPM denoiser learns to predict (diffusers' scripts' ``--prediction_type``)."""
 
 
-def check_prediction_type(train, flow: bool) -> str | None:
-    """``train.prediction_type`` when it is valid for this base (None: not set), checked before anything is drawn.
+def check_prediction_type(train, flow: bool, scheduler=None) -> str | None:
+    """``train.prediction_type`` when it is valid for this base (None: not set), checked before anything is drawn;
+    unset on a DDPM base, the base ``scheduler``'s own must be one the loss trains (as diffusers' scripts refuse it,
+    but before the class images are drawn and the data read, not at the first step).
 
     Raises:
-        ConfigError: a value other than epsilon or v_prediction, or any value on a flow-matching base.
+        ConfigError: a value other than epsilon or v_prediction, or any value on a flow-matching base; unset, a base
+            scheduler that predicts another (``sample``).
     """
     kind = train.prediction_type
+    base = None if scheduler is None or flow else scheduler.config.get("prediction_type")
+    if kind is None and base is not None and base not in PREDICTION_TYPES:
+        raise ConfigError(
+            f"stage t2i: the base's scheduler predicts {base!r}; the DDPM loss trains {' or '.join(PREDICTION_TYPES)}: "
+            "set train.prediction_type"
+        )
     if kind is None:
         return None
     if flow:
