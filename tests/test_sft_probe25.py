@@ -50,3 +50,12 @@ def test_sft_ids_and_labels_match_apply_chat_template(tok, template):
         a, b = len(_ids(tok, CONV[: k - 1], add_generation_prompt=True)), len(_ids(tok, CONV[:k]))
         want[a:b] = ex["input_ids"][a:b]
     assert ex["labels"] == want
+
+
+@pytest.mark.parametrize("template", [None, "chatml"])
+def test_a_final_assistant_turn_goes_on(tok, template):
+    # transformers' continue_final_message (its text-generation pipeline's default for a conversation ending with
+    # an assistant turn): the prefill stays open; it was closed with <|im_end|> and a new assistant header opened.
+    prefill = [*CONV[:2], {"role": "assistant", "content": "Sure, "}]
+    ref = _ids(tok, prefill, continue_final_message=True)
+    assert prompt_ids(tok, prefill, template=template) == ref

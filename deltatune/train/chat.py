@@ -63,10 +63,11 @@ def check_base(model, what: str) -> None:
 def prompt_ids(
     tok, prompt: str | Messages, raw: bool = False, system: str | None = None, template: str | None = None
 ) -> list[int]:
-    """Token ids of ``prompt`` (a user message, or a whole conversation ending with a user or tool turn) ready for
-    generation: through ``template`` (a built-in one a run trained with, ``data.template``) when given, else the
-    chat template when the tokenizer has one; the text as the tokenizer encodes it when ``raw`` (a seq2seq
-    source keeps T5's closing ``</s>``), else, without a chat template, after its leading specials alone."""
+    """Token ids of ``prompt`` (a user message, or a whole conversation ending with a user or tool turn, or with an
+    assistant turn to go on with, transformers' ``continue_final_message``) ready for generation: through
+    ``template`` (a built-in one a run trained with, ``data.template``) when given, else the chat template when the
+    tokenizer has one; the text as the tokenizer encodes it when ``raw`` (a seq2seq source keeps T5's closing
+    ``</s>``), else, without a chat template, after its leading specials alone."""
     for m in [{"content": prompt}] if isinstance(prompt, str) else prompt:
         check_text(m.get("content") if isinstance(m.get("content"), str) else None, "the prompt")
     tools, kwargs = getattr(prompt, "tools", None), getattr(prompt, "kwargs", None)  # (a Conversation's)
@@ -78,7 +79,10 @@ def prompt_ids(
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if system is not None and (not messages or messages[0]["role"] != "system"):  # (a row's own one wins)
             messages = [{"role": "system", "content": system}, *messages]
-        text = render(messages, tok, template, add_generation_prompt=True, tools=tools, kwargs=kwargs)[0]
+        last = messages[-1] if messages and messages[-1]["role"] == "assistant" else None
+        text = render(messages, tok, template, add_generation_prompt=last is None, tools=tools, kwargs=kwargs)[0]
+        if last is not None and isinstance(last["content"], str):  # (goes on, as continue_final_message cuts it)
+            text = text[: text.rindex(last["content"]) + len(last["content"])]
         # The tokenizer's leading specials (Llama's BOS, BERT's [CLS]) as training put them before the conversation;
         # not its closing ones (BERT's [SEP]), which training has after the answer, not after the assistant header.
         return special_ends(tok)[0] + tok(text, add_special_tokens=False)["input_ids"]
@@ -100,7 +104,9 @@ def prompt_ids(
     if system is not None and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": system}, *messages]
     more = {**(kwargs or {}), **({"tools": tools} if tools else {})}
-    ids = apply_chat_template(tok, messages, add_generation_prompt=True, tokenize=True, return_dict=True, **more)
+    more["continue_final_message"] = bool(messages) and messages[-1]["role"] == "assistant"  # (a prefilled answer)
+    gen = not more["continue_final_message"]
+    ids = apply_chat_template(tok, messages, add_generation_prompt=gen, tokenize=True, return_dict=True, **more)
     return list(ids["input_ids"])
 
 
