@@ -48,6 +48,23 @@ def check_model_folder(spec: str) -> None:
                           "num_labels=1, which its score head's weights do not fit)")  # fmt: skip
 
 
+def check_model_tokenizer(spec: str) -> None:
+    """ConfigError, one line naming the align.reward_funcs folder, unless it holds a tokenizer with its vocabulary
+    (``models.load_tokenizer``'s check): TRL's GRPOTrainer loads AutoTokenizer from the folder, and transformers 5
+    builds a GPT-2 or BERT tokenizer of its defaults from a folder without its files (GPT-2's: every text [], the
+    first reward call fails; BERT's: every word [UNK], near-constant rewards, silently) where 4.x raised; read
+    before the policy loads. A tokenizer of its own code (auto_map) is left to the load, under the recipe's
+    model.trust_remote_code."""
+    from .models import load_tokenizer
+
+    try:
+        load_tokenizer(spec)
+    except ConfigError as exc:
+        if "runs its own code" in str(exc):
+            return
+        raise ConfigError(f"align.reward_funcs: {exc}") from None
+
+
 class SequenceClassifierReward:
     """TRL's reward model: ``f(prompts, completions, **columns) -> list[float]``, as a reward function is called."""
 

@@ -44,7 +44,7 @@ def check_rewards(align: AlignArgs) -> list[Reward]:
     Raises:
         ConfigError: no rewards, a weight list of another length or holding a non-number, or a bad entry.
     """
-    from .grpo_reward_model import check_model_folder, is_model_folder
+    from .grpo_reward_model import check_model_folder, check_model_tokenizer, is_model_folder
     from .scorers import reward_run
 
     specs = align.reward_funcs
@@ -60,7 +60,11 @@ def check_rewards(align: AlignArgs) -> list[Reward]:
         if not isinstance(spec, str):
             raise ConfigError(f"align.reward_funcs entries must be text, got {spec!r}")
         if os.path.isdir(spec):
-            check_model_folder(spec) if is_model_folder(spec) else reward_run(spec)  # (TRL's reward model)
+            if is_model_folder(spec):  # (TRL's reward model: its head, then the tokenizer TRL loads from it)
+                check_model_folder(spec)
+                check_model_tokenizer(spec)
+            else:
+                reward_run(spec)
             name, fn, is_model = os.path.basename(os.path.normpath(spec)), None, True
         else:
             name, fn, is_model = spec.rpartition(":")[2], import_reward(spec), False

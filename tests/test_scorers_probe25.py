@@ -47,3 +47,39 @@ def test_a_reward_folder_without_tokenizer_files_and_too_few_ids_is_refused_by_i
     folder = _folder(tmp_path, len(tok) - 1)
     with pytest.raises(ConfigError, match=rf"its vocabulary of {len(tok) - 1} tokens is smaller than the policy"):
         check_token_reward(folder, tok)
+
+
+@pytest.fixture(scope="module")
+def bare_classifiers(tmp_path_factory):
+    """A one-label GPT-2 and a one-label BERT classifier saved without tokenizer files (weights alone)."""
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
+
+    gpt2, bert = tmp_path_factory.mktemp("gpt2-rm"), tmp_path_factory.mktemp("bert-rm")
+    GPT2ForSequenceClassification(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, num_labels=1,
+                                             pad_token_id=0)).save_pretrained(gpt2)  # fmt: skip
+    BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32, num_labels=1)).save_pretrained(bert)  # fmt: skip
+    return str(gpt2), str(bert)
+
+
+def test_a_grpo_reward_folder_without_tokenizer_files_is_one_line_before_the_policy_loads(bare_classifiers):
+    """GRPO's align.reward_funcs naming a transformers classifier folder without tokenizer files passed
+    check_rewards; TRL's GRPOTrainer (and SequenceClassifierReward, as it) loads AutoTokenizer from the folder,
+    which transformers 5 builds of its defaults: GPT-2's of one token (every text [], the first reward call failed
+    in a reshape, after the policy had loaded), BERT's of 5 (every word [UNK]: near-constant rewards, silently).
+    check_rewards now refuses both in one line naming align.reward_funcs and the folder, as models.load_tokenizer
+    refuses such a base model."""
+    from transformers import AutoTokenizer
+
+    from deltatune.train.config import AlignArgs
+    from deltatune.train.grpo_rewards import check_rewards
+
+    gpt2, bert = bare_classifiers
+    assert AutoTokenizer.from_pretrained(gpt2)("the cat sat", add_special_tokens=False)["input_ids"] == []  # (TRL's)
+    unk = AutoTokenizer.from_pretrained(bert)
+    assert set(unk("the cat sat", add_special_tokens=False)["input_ids"]) == {unk.unk_token_id}
+    for folder in (gpt2, bert):
+        with pytest.raises(ConfigError) as err:
+            check_rewards(AlignArgs(reward_funcs=[folder], num_generations=2))
+        line = str(err.value)
+        assert "\n" not in line and line.startswith(f"align.reward_funcs: model {folder!r} holds no tokenizer vocab")
