@@ -213,8 +213,6 @@ def check_token_reward(spec: str, tokenizer) -> None:
     tokenizer reads the policy's ids alike (each policy token at its id; tokens added after them are fine; a folder
     without a tokenizer: a vocabulary of at least the policy's): TRL's PPOTrainer feeds it the policy's token ids.
     Reads files only; loads no model."""
-    import os
-
     from transformers import AutoConfig, AutoTokenizer
 
     from ..config import ConfigError
@@ -239,9 +237,10 @@ def check_token_reward(spec: str, tokenizer) -> None:
         reward_tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
     except (OSError, ValueError, TypeError):
         reward_tok = None
-    # (transformers 5 builds GPT-2's or Qwen2's tokenizer of its defaults, one token, from a folder without its
-    # files, where 4.x raised: such a folder has no tokenizer, its vocabulary is checked instead)
-    empty = reward_tok is not None and os.path.isdir(spec) and _built_empty(spec, reward_tok)
+    # (transformers 5 builds a tokenizer of its defaults from a folder without its vocabulary files, where 4.x
+    # raised: GPT-2's, OPT's, Qwen2's of one token, BERT's, RoBERTa's, Gemma's, GPT-NeoX's, T5's of a few; such a
+    # folder has no tokenizer, its vocabulary is checked instead)
+    empty = reward_tok is not None and _built_empty(spec, reward_tok)
     theirs = reward_tok.get_vocab() if reward_tok is not None and not empty else None
     ours = tokenizer.get_vocab()
     moved = sorted((i, t) for t, i in ours.items() if theirs.get(t) != i) if theirs is not None else []
