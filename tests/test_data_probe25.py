@@ -68,3 +68,112 @@ def test_a_file_pattern_is_refused_as_a_path_not_sent_to_the_hub(tmp_path, monke
     for spec in ("data/*", "data/?.jsonl", "data/*.jsonl[:1]"):
         with pytest.raises(DataError, match=r"no file pattern \(\*, \?\).*name the folder"):
             read_rows(spec)
+
+
+def test_a_row_range_end_of_a_sign_or_a_percent_alone_is_refused_in_one_line(tmp_path):
+    """``[-%:]``, ``[-:1]``, ``[:-]`` passed the range pattern and crashed in int() (a bare ValueError "invalid
+    literal for int() with base 10: '-'"); datasets' ReadInstruction refuses them too."""
+    datasets = pytest.importorskip("datasets")
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n')
+    for sl in ("[-%:]", "[-:1]", "[:-]", "[%:]", "[1:-%]"):
+        with pytest.raises(ValueError):  # (the reference refuses it as well)
+            datasets.ReadInstruction.from_spec(f"train{sl}")
+        with pytest.raises(DataError, match=r"a row range is written \[start:stop\]"):
+            read_rows(f"{path}{sl}")
+
+
+def test_a_file_pattern_message_says_deltatune_reads_none(tmp_path):
+    with pytest.raises(DataError, match=r"deltatune reads no file pattern \(\*, \?\) such as datasets' data_files"):
+        read_rows(str(tmp_path / "*.jsonl"))
+
+
+def _facts(path):
+    from types import SimpleNamespace
+
+    from deltatune.train.runfolder import run_facts
+
+    cfg = SimpleNamespace(model=SimpleNamespace(dtype="float32"), data=SimpleNamespace(train=str(path), eval=None))
+    return run_facts(cfg)["data.train"]
+
+
+def test_a_folder_of_jsonl_files_leaves_its_arrow_files_out_as_before(tmp_path):
+    """A folder holding a.jsonl and datasets' stray cache-1.arrow read 1 row until ea13f75; then it was refused ("a
+    data folder holds files of one kind, this one .arrow, .jsonl") and its fingerprint changed, so a run begun on it
+    before could neither resume nor evaluate. It reads, and hashes, what it did before .arrow files were read."""
+    pa = pytest.importorskip("pyarrow")
+    old, now = tmp_path / "old", tmp_path / "now"  # the folder as a run began on it, and with the cache file
+    for folder in (old, now):
+        folder.mkdir()
+        (folder / "a.jsonl").write_text('{"text": "a"}\n')
+    with pa.ipc.new_stream(str(now / "cache-1.arrow"), pa.schema([("text", pa.string())])) as writer:
+        writer.write_table(pa.table({"text": ["cached"]}))
+    assert [r.data for r in read_rows(str(now))] == [{"text": "a"}]
+    assert [r.data for r in read_rows(f"{now}[:1]")] == [{"text": "a"}]
+    assert _facts(now) == _facts(old)  # (a checkpoint's recorded fingerprint still matches: resume / eval go on)
+
+
+def test_a_save_to_disk_folder_reads_as_load_from_disk(tmp_path):
+    """A ``Dataset.save_to_disk`` folder (state.json, dataset_info.json, data-*.arrow) was refused as "files of one
+    kind, this one .arrow, .json" (state.json read as a data file); it reads the rows ``load_from_disk`` reads, its
+    shards in state.json's order."""
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"text": [f"row {i}" for i in range(7)], "n": list(range(7))})
+    ds.save_to_disk(str(tmp_path / "saved"), num_shards=3)
+    ref = datasets.load_from_disk(str(tmp_path / "saved"))
+    assert [r.data for r in read_rows(str(tmp_path / "saved"))] == ref.to_list()
+    assert [r.data for r in read_rows(str(tmp_path / "saved") + "[2:5]")] == ref.to_list()[2:5]
+    # state.json's order, not name order: load_from_disk reads the shards as listed there
+    state = json.loads((tmp_path / "saved" / "state.json").read_text())
+    state["_data_files"].reverse()
+    (tmp_path / "saved" / "state.json").write_text(json.dumps(state))
+    ref = datasets.load_from_disk(str(tmp_path / "saved"))
+    assert [r.data for r in read_rows(str(tmp_path / "saved"))] == ref.to_list()
+    assert _facts(tmp_path / "saved")  # (the shards are its fingerprint's files)
+
+
+def test_an_arrow_files_class_label_names_are_its_classes(tmp_path):
+    """class_label_names read only .parquet: a ClassLabel(['cat', 'dog', 'fox']) column saved as .arrow gave None, so
+    image classification named its classes by the values ('0', '2'); load_dataset("arrow") reads the names."""
+    datasets = pytest.importorskip("datasets")
+    from deltatune.data.images import class_label_names
+
+    features = datasets.Features(
+        {"image": datasets.Value("string"), "label": datasets.ClassLabel(names=["cat", "dog", "fox"])}
+    )
+    ds = datasets.Dataset.from_dict({"image": ["a.png", "b.png"], "label": [0, 2]}, features=features)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    shard = str(tmp_path / "saved" / "data-00000-of-00001.arrow")
+    pa = pytest.importorskip("pyarrow")
+    with pa.ipc.new_file(str(tmp_path / "file.arrow"), ds.data.table.schema) as writer:  # the file format too
+        writer.write_table(ds.data.table)
+    for path in (shard, str(tmp_path / "file.arrow")):
+        ref = datasets.load_dataset("arrow", data_files=path, split="train", cache_dir=str(tmp_path / "c"))
+        assert class_label_names(path, "label") == ref.features["label"].names, path
+        assert class_label_names(path + "[:1]", "label") == ref.features["label"].names, path
+    assert class_label_names(shard, "image") is None
+
+
+def test_a_dataset_dict_folder_is_refused_naming_a_split_folder(tmp_path):
+    """A ``DatasetDict.save_to_disk`` folder read its dataset_dict.json as one row ({"splits": [...]}); datasets'
+    Dataset.load_from_disk refuses it too ("got a DatasetDict")."""
+    datasets = pytest.importorskip("datasets")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"]})}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(FileNotFoundError, match="got a `DatasetDict`"):
+        datasets.Dataset.load_from_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match=r"a DatasetDict saved with save_to_disk .*name one split's folder .*dd/train"):
+        read_rows(str(tmp_path / "dd"))
+    assert [r.data for r in read_rows(str(tmp_path / "dd" / "train"))] == [{"text": "a"}]
+
+
+def test_an_arrow_stream_cut_short_is_named_so(tmp_path):
+    """A stream-format .arrow file cut short fell back to the file format and said "Not an Arrow file"; pyarrow's
+    stream reader names the cause (a message body shorter than its header says)."""
+    pa = pytest.importorskip("pyarrow")
+    table = pa.table({"text": ["a" * 100] * 50})
+    with pa.ipc.new_stream(str(tmp_path / "s.arrow"), table.schema) as writer:
+        writer.write_table(table)
+    whole = (tmp_path / "s.arrow").read_bytes()
+    (tmp_path / "cut.arrow").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"cut.arrow: not a readable Arrow file \(Expected to be able to read"):
+        read_rows(str(tmp_path / "cut.arrow"))

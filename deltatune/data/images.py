@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .load import DataError, data_path, read_rows
+from .load import DataError, arrow_reader, data_path, read_rows
 
 IMAGE_EXTENSIONS = (
     ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif", ".jpe", ".pbm", ".pnm",
@@ -141,20 +141,27 @@ def read_image_rows(
 
 
 def class_label_names(spec: str, column: str | None) -> list[str] | None:
-    """The class names datasets saved with a Parquet file's label column: its ``ClassLabel`` feature in the schema's
-    ``huggingface`` metadata, which ``Dataset.to_parquet`` writes and ``load_dataset("parquet")`` reads back (the
-    features transformers' image-classification script takes label2id / id2label from). None for another source or
-    column, or a file without them (``read_rows`` names an unreadable file). A row range (``d.parquet[:4]``) is
-    read from its file. Each row's value is an id of these names (``ClassLabel.int2str``), -1 datasets' no label."""
+    """The class names datasets saved with a Parquet or Arrow file's label column: its ``ClassLabel`` feature in the
+    schema's ``huggingface`` metadata, which ``Dataset.to_parquet`` and ``save_to_disk`` write and
+    ``load_dataset("parquet")`` / ``load_dataset("arrow")`` read back (the features transformers'
+    image-classification script takes label2id / id2label from). None for another source or column, or a file
+    without them (``read_rows`` names an unreadable file). A row range (``d.parquet[:4]``) is read from its file. Each
+    row's value is an id of these names (``ClassLabel.int2str``), -1 datasets' no label."""
     spec = data_path(spec)
-    if not column or not spec.lower().endswith(".parquet") or not os.path.isfile(spec):
+    if not column or not spec.lower().endswith((".parquet", ".arrow")) or not os.path.isfile(spec):
         return None
     try:
         import json
 
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        meta = (pq.read_schema(spec).metadata or {}).get(b"huggingface")
+        if spec.lower().endswith(".parquet"):
+            schema = pq.read_schema(spec)
+        else:
+            with pa.memory_map(spec) as source:
+                schema = arrow_reader(source).schema
+        meta = (schema.metadata or {}).get(b"huggingface")
         feature = json.loads(meta)["info"]["features"].get(column) if meta else None
     except (ImportError, OSError, ValueError, KeyError, TypeError, AttributeError):
         return None

@@ -79,11 +79,12 @@ def read_rows(spec: str, text_column: str = "text", limit: int | None = None) ->
 
     Args:
         spec: a path ending in .jsonl, .json, .csv, .tsv, .parquet, .arrow or .txt, a folder of such files (all of one
-            kind, .json and .jsonl counting as one, read in name order), or a datasets-hub name. A file or folder
-            path may end in a row range, as the datasets hub's split slicing has it: ``train.jsonl[1000:2000]`` is
-            rows 1000 to 1999 counted from 0 (blank lines not counted; a folder's rows counted across its files in
-            name order), a Python slice (either end may be left out or be negative). Each row still names its own
-            line of its file.
+            kind, .json and .jsonl counting as one, read in name order; its .arrow files only where it holds no
+            other; a ``save_to_disk`` folder's shards in its state.json's order), or a datasets-hub name. A file or
+            folder path may end in a row range, as the datasets hub's split slicing has it:
+            ``train.jsonl[1000:2000]`` is rows 1000 to 1999 counted from 0 (blank lines not counted; a folder's rows
+            counted across its files in the order read), a Python slice (either end may be left out or be
+            negative). Each row still names its own line of its file.
         text_column: the column name given to lines of a .txt file.
         limit: read at most this many rows (of the range, when one is given).
 
@@ -99,8 +100,8 @@ def read_rows(spec: str, text_column: str = "text", limit: int | None = None) ->
     ext = os.path.splitext(spec)[1].lower()
     if any(c in spec for c in "*?") and not os.path.exists(spec):  # (no hub name holds one: not sent there)
         raise DataError(
-            f"data path {spec!r} does not exist: deltatune reads no file pattern (*, ?), as datasets' data_files "
-            "does; name the folder (its data files are read in name order) or one file"
+            f"data path {spec!r} does not exist: deltatune reads no file pattern (*, ?) such as datasets' "
+            "data_files takes; name the folder (its data files are read in name order) or one file"
         )
     if ext in EXTENSIONS:
         if not os.path.isfile(spec):
@@ -140,16 +141,45 @@ def _looks_local(spec: str) -> bool:
 
 
 def folder_files(folder: str) -> list[str]:
-    """The data files a data folder is read from, in name order: not its sub-folders, not hidden files."""
+    """The data files a data folder is read from, in the order read: a datasets ``save_to_disk`` folder's shards in
+    its state.json's order, as ``load_from_disk`` reads them; else its data files in name order, not its sub-folders,
+    not hidden files, its .arrow files only where it holds no other (datasets' cache-*.arrow beside .jsonl files are
+    left out, as they were before .arrow files were read, ea13f75: such a folder reads, and its run's fingerprint
+    hashes, what they did)."""
+    saved = _saved_shards(folder)
+    if saved is not None:
+        return saved
     names = sorted(f for f in os.listdir(folder) if f.lower().endswith(EXTENSIONS) and not f.startswith("."))
-    return [os.path.join(folder, f) for f in names if os.path.isfile(os.path.join(folder, f))]
+    files = [os.path.join(folder, f) for f in names if os.path.isfile(os.path.join(folder, f))]
+    others = [f for f in files if not f.lower().endswith(".arrow")]
+    return others or files
+
+
+def _saved_shards(folder: str) -> list[str] | None:
+    """The ``data-*.arrow`` shards ``Dataset.save_to_disk`` wrote to ``folder``, in the order its state.json's
+    ``_data_files`` lists them; None for a folder without such a state.json (its state.json was read as a data
+    file)."""
+    try:
+        with open(os.path.join(folder, "state.json"), encoding="utf-8") as fh:
+            shards = json.load(fh)["_data_files"]
+        names = [s["filename"] for s in shards]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not names or not all(isinstance(n, str) and n.lower().endswith(".arrow") for n in names):
+        return None
+    return [os.path.join(folder, n) for n in names]
 
 
 def _folder(folder: str, text_column: str, limit: int | None) -> list[Row]:
     """The rows of every data file in ``folder`` (not its sub-folders), in name order, each row naming its own file
     and line: LLaMA-Factory's dataset_info.json ``file_name`` may name such a folder, its files all of one kind
-    (.json and .jsonl together)."""
+    (.json and .jsonl together); a ``save_to_disk`` folder as ``load_from_disk`` reads it (``folder_files``)."""
     files = [os.path.basename(f) for f in folder_files(folder)]
+    if files == ["dataset_dict.json"]:  # (read as one row of its split names)
+        raise DataError(
+            f"{folder}: a DatasetDict saved with save_to_disk (its dataset_dict.json); name one split's folder "
+            f"({os.path.join(folder, 'train')}), as datasets.load_from_disk(...)['train'] reads it"
+        )
     if not files:
         raise DataError(f"{folder} is a folder holding no data file ({', '.join(EXTENSIONS)}); give a data file")
     kinds = sorted({os.path.splitext(f)[1].lower() for f in files})
@@ -166,7 +196,7 @@ def _folder(folder: str, text_column: str, limit: int | None) -> list[Row]:
 def _row_range(spec: str, path: str, text: str, text_column: str, limit: int | None) -> list[Row]:
     """``read_rows`` for ``path[start:stop]``: the file's rows sliced as Python slices them."""
     parts = text.split(":")
-    if len(parts) != 2 or not all(re.fullmatch(r"-?\d*%?", p.strip()) and p.strip() != "%" for p in parts):
+    if len(parts) != 2 or not all(not p.strip() or re.fullmatch(r"-?\d+%?", p.strip()) for p in parts):
         raise DataError(
             f"{spec}: a row range is written [start:stop] in whole numbers (or percents, [:10%]), rows counted from "
             f"0 as in Python (e.g. {os.path.basename(path)}[1000:2000]); got [{text}]"
@@ -454,6 +484,11 @@ def _parquet(path: str, _column: str, limit: int | None) -> list[Row]:
         table = pq.read_table(path)
     except pa.ArrowException as exc:  # not Parquet, or cut short
         raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+    return _table_rows(table, path, limit)
+
+
+def _table_rows(table: Any, path: str, limit: int | None) -> list[Row]:
+    """The rows of a pyarrow table read from ``path``, each named ``path[index]``."""
     records = table.slice(0, limit).to_pylist() if limit else table.to_pylist()
     return [Row(r, f"{path}[{i}]") for i, r in enumerate(records)]
 
@@ -467,15 +502,20 @@ def _arrow(path: str, _column: str, limit: int | None) -> list[Row]:
         raise DataError("reading Arrow files needs pyarrow: pip install 'deltatune[train]'") from None
     try:
         with pa.memory_map(path) as source:
-            try:
-                table = pa.ipc.open_stream(source).read_all()
-            except (OSError, pa.ArrowInvalid):
-                source.seek(0)
-                table = pa.ipc.open_file(source).read_all()
+            table = arrow_reader(source).read_all()
     except (OSError, pa.ArrowException) as exc:  # not Arrow, or cut short
         raise DataError(f"{path}: not a readable Arrow file ({str(exc).splitlines()[0]})") from None
-    records = table.slice(0, limit).to_pylist() if limit else table.to_pylist()
-    return [Row(r, f"{path}[{i}]") for i, r in enumerate(records)]
+    return _table_rows(table, path, limit)
+
+
+def arrow_reader(source: Any) -> Any:
+    """A pyarrow reader of the Arrow IPC file open in ``source``: the file format where it starts with its magic
+    ``ARROW1``, else the stream format (whose own error then names a stream cut short, not "Not an Arrow file")."""
+    import pyarrow as pa
+
+    magic = source.read(6)
+    source.seek(0)
+    return pa.ipc.open_file(source) if magic == b"ARROW1" else pa.ipc.open_stream(source)
 
 
 def _text(path: str, column: str, limit: int | None) -> list[Row]:
