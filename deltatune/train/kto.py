@@ -272,13 +272,27 @@ def _metrics(p) -> dict[str, float]:
 def balance_note(n_desirable: int, n_undesirable: int, align: AlignArgs, source: str) -> str | None:
     """A warning when lambda_D n_D / (lambda_U n_U) is outside the paper's [1, 4/3], naming the desirable_weight
     range that brings it in and the undesirable_weight range that does (TRL's KTOTrainer names both); None when
-    inside."""
+    inside. Data of one label (TRL's KTOTrainer trains it, its note counting max(n, 1)): a note that only that
+    label's loss trains.
+
+    Raises:
+        ConfigError: data of one label whose weight is 0 (every row's loss weighted 0: nothing would train, as both
+            weights 0 is refused).
+    """
+    from ..config import ConfigError
+
+    if not (n_desirable or n_undesirable):  # (no rows: nothing to weigh)
+        return None
+    if not (n_desirable and n_undesirable):
+        kind = "desirable" if n_desirable else "undesirable"
+        if getattr(align, f"{kind}_weight") == 0:
+            raise ConfigError(f"align.{kind}_weight is 0 and {source} has only {kind} rows "
+                              f"({n_desirable + n_undesirable}): nothing would train")  # fmt: skip
+        return (f"{source}: {n_desirable} desirable and {n_undesirable} undesirable rows: only the {kind} loss "
+                "trains")  # fmt: skip
     for kind in ("desirable", "undesirable"):
         if getattr(align, f"{kind}_weight") == 0:
             return f"align.{kind}_weight is 0: the {kind} rows of {source} teach nothing"
-    if not (n_desirable and n_undesirable):  # (TRL's KTOTrainer trains such data, its note counting max(n, 1))
-        return (f"{source}: {n_desirable} desirable and {n_undesirable} undesirable rows: only the "
-                f"{'desirable' if n_desirable else 'undesirable'} loss trains")  # fmt: skip
     ratio = align.desirable_weight * n_desirable / (align.undesirable_weight * n_undesirable)
     if 1.0 <= ratio <= 4 / 3:
         return None
@@ -326,7 +340,8 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
     Raises:
         ConfigError: train.batch_size < 2 (the reference point needs mismatched pairs within a batch; an eval batch
             of one is fine: eval rows are paired in blocks of train.batch_size, as TRL pairs them), unless
-            align.loss_type is apo_zero_unpaired (no reference point; TRL refuses it only where it computes one).
+            align.loss_type is apo_zero_unpaired (no reference point; TRL refuses it only where it computes one);
+            training data of one label whose align.*_weight is 0 (``balance_note``: nothing would train).
         DataError: a bad row, or an eval file without both desirable and undesirable rows (training data of one
             label trains, as TRL's, with a warning).
     """
@@ -375,12 +390,13 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
     ev = enc(eval_samples, "eval") if eval_samples else None
     ev = pair_in_blocks(ev, cfg.train.batch_size) if ev and kl else ev
     # (training data of one label trains, as TRL's KTOTrainer trains it, with balance_note's warning; eval's margin,
-    # the run's best-model metric, needs both)
+    # the desirable rows' mean reward less the undesirable rows', needs both)
     n_good = sum(e["desirable"] for e in ev or [])
     if ev and (n_good == 0 or n_good == len(ev)):
         raise DataError(
             f"{cfg.data.eval}: KTO needs both desirable and undesirable rows to evaluate (column {d.label_column!r}; "
-            f"its margin is the run's best-model metric); found {n_good} desirable and {len(ev) - n_good} undesirable"
+            "its margin is the desirable rows' mean reward less the undesirable rows'); found "
+            f"{n_good} desirable and {len(ev) - n_good} undesirable"
         )
     n_good = sum(e["desirable"] for e in train)
     warning = balance_note(n_good, len(train) - n_good, cfg.align, cfg.data.train)

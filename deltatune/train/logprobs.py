@@ -9,6 +9,7 @@ writes the gradient straight into the one logits-sized tensor it returns.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -104,22 +105,26 @@ def model_token_logprobs(
     return token_logprobs(out.logits, batch["labels"], stats)
 
 
-def router_aux_coef(model: torch.nn.Module) -> float:
+def router_aux_coef(model: torch.nn.Module, when_on: bool = False) -> float:
     """The weight of a Mixture-of-Experts model's load-balancing loss in TRL 1.16's DPO and KTO losses: the
     architecture's own ``router_aux_loss_coef`` where its config declares ``output_router_logits`` (Mixtral's 0.001),
-    else 0 (no such loss)."""
+    else 0 (no such loss). ``when_on`` (TRL's ORPO and CPO, SimPO's too): only where the config's
+    ``output_router_logits`` is true, read from ``model.config`` as those trainers read it; a coefficient of 0 there
+    is warned of, as they warn (the loss then adds nothing)."""
     config = getattr(model, "config", None)
+    if when_on:
+        coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+        on = bool(getattr(config, "output_router_logits", False))
+        if on and coef == 0:
+            warnings.warn(
+                "output_router_logits is true in the model's config, but router_aux_loss_coef is 0.0: the "
+                "load-balancing (auxiliary) loss adds nothing (as TRL's ORPOTrainer and CPOTrainer warn)",
+                UserWarning,
+                stacklevel=3,
+            )
+        return coef if on else 0.0
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return float(getattr(text, "router_aux_loss_coef", 0.0) or 0.0) if hasattr(text, "output_router_logits") else 0.0
-
-
-def router_aux_coef_when_on(model: torch.nn.Module) -> float:
-    """The weight of a Mixture-of-Experts model's load-balancing loss in TRL 1.16's ORPO and CPO (SimPO) losses: the
-    config's ``router_aux_loss_coef`` where its ``output_router_logits`` is true (not merely declared, as DPO's and
-    KTO's ``router_aux_coef``), else 0."""
-    config = getattr(model, "config", None)
-    on = bool(getattr(config, "output_router_logits", False))
-    return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0) if on else 0.0
 
 
 def sequence_logprobs(

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..data.templates import IGNORE_INDEX
 from .config import AlignArgs, RunConfig
-from .logprobs import router_aux_coef_when_on, token_logprobs
+from .logprobs import model_token_logprobs, router_aux_coef
 from .pairs import PairTrainer, Pooled, disable_dropout
 from .prepared import Prepared
 
@@ -87,7 +87,7 @@ class ORPOTrainer(PairTrainer):
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.align = align
-        self.router_coef = router_aux_coef_when_on(self.model)  # (a MoE's load-balancing loss, as TRL's ORPO adds)
+        self.router_coef = router_aux_coef(self.model, when_on=True)  # (a MoE's aux loss, as TRL's ORPO adds)
         if align.disable_dropout:
             disable_dropout(self.model)
 
@@ -102,11 +102,10 @@ class ORPOTrainer(PairTrainer):
         return batches, self.accelerator.gather(n).sum() if self.accelerator.num_processes > 1 else n
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        stats = {}
+        stats, aux = {}, [] if self.router_coef else None
         full = nll_labels(inputs, _answers_only(self.align))
-        extra = {"output_router_logits": True} if self.router_coef else {}
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **extra)
-        per_token = token_logprobs(out.logits, full, stats)  # (2B, T - 1): every token the NLL takes
+        lm = {**{k: inputs[k] for k in _LM_KEYS}, "labels": full}
+        per_token = model_token_logprobs(model, lm, stats, aux)  # (2B, T - 1): every token the NLL takes
         answer = inputs["labels"][:, 1:] != IGNORE_INDEX
         logps, counts = (per_token * answer).sum(-1), answer.sum(-1)
         (pc, pr), (nc, nr) = logps.chunk(2), counts.chunk(2)
@@ -124,8 +123,8 @@ class ORPOTrainer(PairTrainer):
         # (training and evaluating, as TRL: EvalStats reports eval_nll_loss, eval_log_odds_ratio, ...; every
         # process's pairs and tokens pooled under DDP, the mean one process holding them all would log; TRL's
         # ORPOTrainer averages the processes' own means, equal only for equal batches and token counts)
-        if self.router_coef:  # (TRL's ORPO: router_aux_loss_coef times the forward's aux_loss)
-            loss = loss + self.router_coef * out.aux_loss
+        if aux:  # (TRL's ORPO: router_aux_loss_coef times the forward's aux_loss)
+            loss = loss + self.router_coef * aux[0]
         pool, n = Pooled(self), len(pc)
         nll_single = lambda: (-nll_c.sum() / nll_n.sum().clamp(min=1)).item()  # noqa: E731
         # nll: deltatune's name since the start, kept for the runs' curves; nll_loss: TRL's

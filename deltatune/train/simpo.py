@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import AlignArgs, RunConfig
-from .logprobs import response_logprobs, router_aux_coef_when_on
+from .logprobs import response_logprobs, router_aux_coef
 from .pairs import PairTrainer, Pooled, disable_dropout
 from .prepared import Prepared
 
@@ -120,7 +120,7 @@ class SimPOTrainer(PairTrainer):
     def __init__(self, *args, align: AlignArgs, loss_type: str = "simpo", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.align, self.loss_type = align, loss_type
-        self.router_coef = router_aux_coef_when_on(self.model)  # (a MoE's load-balancing loss, as TRL's CPO adds)
+        self.router_coef = router_aux_coef(self.model, when_on=True)  # (a MoE's aux loss, as TRL's CPO adds)
         if align.disable_dropout:
             disable_dropout(self.model)
 
