@@ -1,5 +1,6 @@
-"""Probe 25 of the seq2seq stage and the reward scorers (scorers.py): PPO's transformers reward model folder
-checked against what TRL's PPOTrainer feeds it (the policy's token ids)."""
+"""Probe 25 of the reward scorers (scorers.py, grpo_reward_model.py): PPO's transformers reward model folder checked
+against what TRL's PPOTrainer feeds it (the policy's token ids); GRPO's checked for the tokenizer TRL's GRPOTrainer
+loads from it; models.load_tokenizer on a tokenizer.json without its keys."""
 
 from __future__ import annotations
 
@@ -77,3 +78,30 @@ def test_a_grpo_reward_folder_without_tokenizer_files_is_one_line_before_the_pol
             check_rewards(AlignArgs(reward_funcs=[folder], num_generations=2))
         line = str(err.value)
         assert "\n" not in line and line.startswith(f"align.reward_funcs: model {folder!r} holds no tokenizer vocab")
+
+
+def test_a_tokenizer_json_without_its_keys_is_one_line_and_a_ppo_reward_folder_with_one_is_checked_by_vocabulary(
+    tmp_path,
+):
+    """A tokenizer.json of {} (valid JSON, no tokenizers file): transformers' KeyError 'added_tokens' came as a
+    traceback from models.load_tokenizer and from check_token_reward. load_tokenizer now says it in one line naming
+    the file; check_token_reward (which reuses it) checks such a reward folder by its vocabulary, as one whose
+    tokenizer.json is no JSON at all: TRL's PPOTrainer reads no tokenizer of the reward folder."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from deltatune.train.models import load_tokenizer
+
+    tok = word_tokenizer()
+    folder = _folder(tmp_path, len(tok) + 8)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(KeyError):
+        AutoTokenizer.from_pretrained(folder)  # (what both called)
+    with pytest.raises(ConfigError) as err:
+        load_tokenizer(folder)
+    assert "\n" not in str(err.value) and "tokenizer.json has no 'added_tokens'" in str(err.value)
+    AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)  # (TRL's: the model alone)
+    check_token_reward(folder, tok)
+    (tmp_path / "config.json").write_text((tmp_path / "config.json").read_text().replace(f'"vocab_size": {len(tok) + 8}',
+                                                                                       f'"vocab_size": {len(tok) - 1}'))  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"its vocabulary of {len(tok) - 1} tokens is smaller than the policy"):
+        check_token_reward(folder, tok)

@@ -81,10 +81,14 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
     except OSError as exc:
         raise not_loaded(name_or_path, exc, revision) from None
-    except (ValueError, TypeError, AttributeError) as exc:
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
         for file in TOKENIZER_JSON if os.path.isdir(path) else ():  # (transformers: the JSON parser's error, or a
             if problem := json_problem(os.path.join(path, file)):  # TypeError from inside, naming no file)
                 raise ConfigError(f"model {name_or_path!r}: {file} {problem}") from None
+        file = os.path.join(path, "tokenizer.json")  # ({} there: transformers' KeyError 'added_tokens', no file named)
+        if isinstance(exc, KeyError) and os.path.isfile(file) and json_value(file, str(exc.args[0])) is None:
+            raise ConfigError(f"model {name_or_path!r}: tokenizer.json has no {exc.args[0]!r} (no tokenizers file "
+                              "as transformers writes one): copy the base model's tokenizer files into it") from None  # fmt: skip
         if not isinstance(exc, ValueError):
             raise
         if "trust_remote_code" in str(exc) and not trust_remote_code:  # (before the model's own refusal)

@@ -213,11 +213,11 @@ def check_token_reward(spec: str, tokenizer) -> None:
     tokenizer reads the policy's ids alike (each policy token at its id; tokens added after them are fine; a folder
     without a tokenizer: a vocabulary of at least the policy's): TRL's PPOTrainer feeds it the policy's token ids.
     Reads files only; loads no model."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from ..config import ConfigError
     from .grpo_reward_model import check_model_folder
-    from .models import _built_empty
+    from .models import load_tokenizer
 
     try:
         check_model_folder(spec)
@@ -233,15 +233,14 @@ def check_token_reward(spec: str, tokenizer) -> None:
         name = NAMES.get(config.model_type, f"{config.model_type} model")
         raise ConfigError(f"align.reward_model {spec!r}: a {name} has no score head on a decoder backbone (TRL's "
                           "PPOTrainer scores with model.score); train a reward run (stage rm) instead")  # fmt: skip
+    # A folder whose tokenizer does not load (none, only its options, damaged, of its own code) is checked by its
+    # vocabulary: TRL's PPOTrainer reads no tokenizer of it. load_tokenizer refuses too the one transformers 5 builds
+    # of its defaults from a folder without its vocabulary files, where 4.x raised (GPT-2's, OPT's, Qwen2's of one
+    # token, BERT's, RoBERTa's, Gemma's, GPT-NeoX's, T5's of a few)
     try:
-        reward_tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
-    except (OSError, ValueError, TypeError):
-        reward_tok = None
-    # (transformers 5 builds a tokenizer of its defaults from a folder without its vocabulary files, where 4.x
-    # raised: GPT-2's, OPT's, Qwen2's of one token, BERT's, RoBERTa's, Gemma's, GPT-NeoX's, T5's of a few; such a
-    # folder has no tokenizer, its vocabulary is checked instead)
-    empty = reward_tok is not None and _built_empty(spec, reward_tok)
-    theirs = reward_tok.get_vocab() if reward_tok is not None and not empty else None
+        theirs = load_tokenizer(spec).get_vocab()
+    except (ConfigError, ValueError, TypeError, AttributeError, KeyError):
+        theirs = None
     ours = tokenizer.get_vocab()
     moved = sorted((i, t) for t, i in ours.items() if theirs.get(t) != i) if theirs is not None else []
     other = moved[0][1] if moved else None  # (the lowest id: the same token named every time)
