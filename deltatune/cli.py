@@ -9,7 +9,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -427,11 +426,12 @@ def _merge(args) -> int:
     from transformers.utils.hub import convert_file_size_to_int
 
     from .config import ConfigError
-    from .info import chat_template_jinja
+    from .info import merged_chat_template
     from .train.models import resolve_path, stored_dtype
     from .train.run_load import adapter_field, load_adapter_model, merge, run_task
     from .train.runfolder import check_apart, publish_folder, staging_folder
-    from .train.runs import read_recipe, run_template
+    from .train.runs import read_recipe
+    from .train.staging import sweep_staging
 
     base = args.model or adapter_field(args.adapter, "base_model_name_or_path")
     check_apart(args.out, {"the adapter's folder": args.adapter, "the base model's folder": base})
@@ -443,7 +443,7 @@ def _merge(args) -> int:
                 "load the run's LoRA into the pipeline instead (pipe.load_lora_weights(RUN); pipe.fuse_lora()) and "
                 "save the pipeline"
             )
-    _sweep_staging(args.out)
+    sweep_staging(args.out)
     with staging_folder(args.out, args.overwrite) as staging:  # refuses a folder with files unless --overwrite
         delta, tok = load_adapter_model(args.adapter, args.model, trust_remote_code=args.trust_remote_code,
                                         dtype="float32")  # fmt: skip
@@ -456,8 +456,8 @@ def _merge(args) -> int:
         # (in bytes: a diffusers denoiser's save_pretrained reads "2GiB" and "5gb" otherwise than transformers')
         shards = {"max_shard_size": convert_file_size_to_int(args.max_shard_size)} if args.max_shard_size else {}
         model.save_pretrained(staging, **shards)
-        if run_template(args.adapter) and hasattr(tok, "eos_token"):  # the trained data.template, as LLaMA-Factory's
-            tok.chat_template = chat_template_jinja(run_template(args.adapter), tok.eos_token) or tok.chat_template
+        if (jinja := merged_chat_template(args.adapter, tok)) is not None:  # the trained data.template, as
+            tok.chat_template = jinja  # LLaMA-Factory's export writes it
         tok.save_pretrained(staging)
         if report is not None:  # a 4-bit base: what merging into full precision changed, kept beside the model
             with open(os.path.join(staging, "merge_report.json"), "w", encoding="utf-8") as fh:
@@ -468,14 +468,6 @@ def _merge(args) -> int:
     library = f"diffusers ({type(model).__name__})" if run_task(args.adapter)[0] == "TEXT_TO_IMAGE" else "transformers"
     print(f"merged model written to {args.out} (loads with plain {library})")
     return 0
-
-
-def _sweep_staging(out: str) -> None:
-    """Remove the staging folders (``.<out>.staging-<pid>``) of merges killed mid-write, whose process is gone."""
-    parent, name = os.path.split(os.path.realpath(out).rstrip(os.sep))
-    for pid in [e.removeprefix(f".{name}.staging-") for e in _listdir(parent) if e.startswith(f".{name}.staging-")]:
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}") and os.path.isdir("/proc/self"):  # (Linux's /proc)
-            shutil.rmtree(os.path.join(parent, f".{name}.staging-{pid}"), ignore_errors=True)
 
 
 def _info(args) -> int:

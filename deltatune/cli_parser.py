@@ -281,8 +281,9 @@ def check_args(args: argparse.Namespace) -> None:
     ``train..lr=1``: they read "unknown key ''" or "unknown key 'train.'" and every key of the section), or the first
     override or ``merge --out`` whose text is not UTF-8 (bytes a shell passed through: ``output.dir=$'run\\xff'``
     made the folder, then the tokenizer's save raised a UnicodeEncodeError's traceback, the folder left
-    half-written; ``merge --out`` merged, then raised the same). A key overridden twice with two values
-    (``train.lr=1e-3 ... train.lr=1e-4``) is said in one line on stderr: the last wins, as it did unsaid."""
+    half-written; ``merge --out`` merged, then raised the same). A key overridden with two values
+    (``train.lr=1e-3 ... train.lr=1e-4``, not ``1e-3`` then ``0.001``) is said in one line on stderr: the last wins,
+    as it did unsaid."""
     for flag, item in [("override", item) for item in getattr(args, "overrides", None) or ()] + (
         [("--out", args.out)] if args.command == "merge" else []
     ):
@@ -303,13 +304,20 @@ def check_args(args: argparse.Namespace) -> None:
             from .config import ConfigError
 
             raise ConfigError(f"{flag} '{item}' {why}")
-    given: dict[str, str] = {}  # a key set twice to two values: the last wins, as argparse's and OmegaConf's, said
-    for item in getattr(args, "overrides", None) or ():
-        key = item.split("=", 1)[0].strip()
-        if "=" in item and given.get(key, item) != item:
-            print(f"deltatune: override {key!r} is given twice ('{given[key]}', then '{item}'): the last is used",
-                  file=sys.stderr)  # fmt: skip
-        given[key] = item
+    given: dict[str, list[str]] = {}  # a key set to two values: the last wins, as argparse's and OmegaConf's, said
+    for item in [item for item in getattr(args, "overrides", None) or () if "=" in item]:
+        given.setdefault(item.split("=", 1)[0].strip(), []).append(item)
+    for key, items in given.items():
+        if any(_value(item) != _value(items[0]) for item in items[1:]):  # (1e-3 and 0.001 are one value)
+            times, said = "twice" if len(items) == 2 else f"{len(items)} times", "', then '".join(items)
+            print(f"deltatune: override {key!r} is given {times} ('{said}'): the last is used", file=sys.stderr)
+
+
+def _value(item: str):
+    """An override's value as the recipe reads it (``train.config._coerce``)."""
+    from .train.config import _coerce
+
+    return _coerce(item.split("=", 1)[1])
 
 
 def _version() -> str:

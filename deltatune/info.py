@@ -130,31 +130,64 @@ def describe(name: str, task: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def chat_template_jinja(template: str, eos: str | None) -> str | None:
+TEMPLATE_STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "kto", "orpo", "simpo", "cpo")
+"""The stages whose rows a built-in ``data.template`` renders (pt, cls, tag, seq2seq and the image stages read none)."""
+
+
+def merged_chat_template(adapter: str, tok) -> str | None:
+    """The jinja chat template ``merge`` saves with the run's tokenizer: the run's built-in ``data.template``
+    (``chat_template_jinja``), as LLaMA-Factory's export writes its template's, opened by the special tokens the
+    tokenizer put before each row it trained on (Llama's BOS, BERT's [CLS]: ``encode_chat`` tokenizes a built-in
+    template's text with them). None (the tokenizer's own kept): no built-in template, a stage that reads none, or a
+    processor (a vision-language run: no ``eos_token``)."""
+    from .data.preference import special_ends
+    from .train.runs import read_recipe, run_template
+
+    template = run_template(adapter)
+    if template is None or not hasattr(tok, "eos_token"):
+        return None
+    if read_recipe(adapter).get("stage", "sft") not in TEMPLATE_STAGES:
+        return None
+    head = special_ends(tok)[0]  # (a closing one, BERT's [SEP], ends no prompt: no template can write it)
+    return chat_template_jinja(template, tok.eos_token, "".join(tok.convert_ids_to_tokens(head)))
+
+
+def chat_template_jinja(template: str, eos: str | None, bos: str = "") -> str | None:
     """The built-in ``data.template`` as a jinja chat template, rendering as ``data.templates.render`` does (each
-    answer closed by ``eos``; the default system where the conversation has none): what ``merge`` saves with the
-    tokenizer, as LLaMA-Factory's export writes its template's jinja, so that plain transformers prompts the merged
-    model as it trained. None for ``raw`` (plain text, no chat format) and a name that is no built-in template."""
+    answer closed by ``eos``; the default system where the conversation has none), after ``bos`` (the tokenizer's
+    leading special tokens, which ``apply_chat_template(tokenize=True)`` does not add); tool calls, ``tools`` and
+    roles other than system, user and assistant raise, as ``render`` refuses them. None for ``raw`` (plain text, no
+    chat format) and a name that is no built-in template."""
     from .data.templates import TEMPLATES
 
     t, eos = TEMPLATES.get(template), eos or ""
     if t is None:
         return None
 
+    def lit(text: str) -> str:  # (jinja reads JSON's string escapes; ensure_ascii would split an emoji in two)
+        return json.dumps(text, ensure_ascii=False)
+
     def around(pattern: str) -> tuple[str, str]:
-        return tuple(json.dumps(part) for part in pattern.split("{content}"))  # (jinja reads JSON's string escapes)
+        return tuple(lit(part) for part in pattern.split("{content}"))
 
     (s0, s1), (u0, u1), (a0, a1) = around(t.system), around(t.user), around(t.assistant)
     suffix = t.assistant.split("{content}")[1]
-    a1 = json.dumps(eos + (suffix[len(eos) :] if eos and suffix.startswith(eos) else suffix))
-    default = json.dumps(t.system.format(content=t.default_system) if t.default_system else "")
+    a1 = lit(eos + (suffix[len(eos) :] if eos and suffix.startswith(eos) else suffix))
+    default = lit(t.system.format(content=t.default_system) if t.default_system else "")
+    tools = lit(f"data.template={template} has no tool support (tool calls need a chat template that renders them)")
+    role = lit(f"data.template={template} renders system, user and assistant turns, not ")
     return (
+        f"{{{{ {lit(bos)} }}}}"
         "{%- if not (messages and messages[0]['role'] == 'system' and messages[0]['content']) %}"
         f"{{{{ {default} }}}}{{%- endif %}}"
-        "{%- for m in messages %}{%- if m['role'] == 'assistant' %}"
+        "{%- for m in messages %}{%- if tools or m['role'] == 'tool' or m['tool_calls'] %}"
+        f"{{{{ raise_exception({tools}) }}}}"
+        "{%- elif m['role'] not in ('system', 'user', 'assistant') %}"
+        f"{{{{ raise_exception({role} + m['role']) }}}}"
+        "{%- elif m['role'] == 'assistant' %}"
         f"{{{{ {a0} + m['content'] + {a1} }}}}"
         f"{{%- elif m['role'] == 'user' %}}{{{{ {u0} + m['content'] + {u1} }}}}"
-        f"{{%- elif m['role'] == 'system' and m['content'] %}}{{{{ {s0} + m['content'] + {s1} }}}}"
+        f"{{%- elif m['content'] %}}{{{{ {s0} + m['content'] + {s1} }}}}"
         "{%- endif %}{%- endfor %}"
-        f"{{%- if add_generation_prompt %}}{{{{ {json.dumps(t.generation_prefix)} }}}}{{%- endif %}}"
+        f"{{%- if add_generation_prompt %}}{{{{ {lit(t.generation_prefix)} }}}}{{%- endif %}}"
     )

@@ -1,7 +1,10 @@
 """Probe 25 of the command line around a trained adapter: a key overridden twice is named in one line (the last
 wins, as before, but unsaid); ``merge`` saves the run's built-in ``data.template`` as the tokenizer's chat template
 (LLaMA-Factory's export writes its template's jinja; the merged folder prompted with the base tokenizer's format, or
-none); a killed merge's staging folder is swept by the next merge into that folder (it stayed, hidden, forever)."""
+none); a killed merge's staging folder is swept by the next merge into that folder (it stayed, hidden, forever).
+Review 25's fixes: the template opens with the special tokens the run trained with (MiniLM's [CLS], a Llama BOS),
+compared as token ids with ``encode_chat``; only a stage that reads data.template writes one; tool calls and other
+roles raise as ``render`` refuses them; an emoji EOS; one override line per key, by value."""
 
 from __future__ import annotations
 
@@ -9,13 +12,15 @@ import os
 
 import pytest
 import torch
+from jinja2.exceptions import TemplateError
 from peft import PeftModel
 from tiny import save_tiny, smollm2_tokenizer
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tiny import tokenizer as minilm_tokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from deltatune import LoraConfig, info
 from deltatune.cli import main
-from deltatune.data.templates import TEMPLATES, render
+from deltatune.data.templates import TEMPLATES, ChatTemplateError, encode_chat, render
 from deltatune.model import get_delta_model
 from deltatune.train.runs import write_run_file
 
@@ -41,6 +46,15 @@ def test_a_key_overridden_twice_is_named(capsys):
     ]
     assert main(["train", "no-such-recipe.yaml", "train.lr=1e-3", "train.lr=1e-3"]) == 2  # the same twice: harmless
     assert "twice" not in capsys.readouterr().err
+    # the same value in another spelling (train.config._coerce reads both as 0.001): nothing said
+    assert main(["train", "no-such-recipe.yaml", "train.lr=1e-3", "train.lr =0.001"]) == 2
+    assert "given" not in capsys.readouterr().err
+    # three times, two values: one line for the key (it printed two, each saying "twice")
+    assert main(["train", "no-such-recipe.yaml", "seed=1", "seed=2", "seed=1"]) == 2
+    said = [line for line in capsys.readouterr().err.splitlines() if "given" in line]
+    assert said == [
+        "deltatune: override 'seed' is given 3 times ('seed=1', then 'seed=2', then 'seed=1'): the last is used"
+    ]
 
 
 def test_the_template_jinja_renders_as_the_built_in_template():
@@ -56,6 +70,67 @@ def test_the_template_jinja_renders_as_the_built_in_template():
     assert info.chat_template_jinja("raw", tok.eos_token) is None
 
 
+def test_the_template_jinja_refuses_what_render_refuses_and_keeps_an_emoji_eos():
+    """Tool messages, tool calls, ``tools=`` and other roles: ``render`` refuses them under a built-in template; the
+    jinja dropped them without a word (the tool's answer gone from the prompt); now it raises, as render does. An EOS
+    outside the BMP came out as two lone surrogates (JSON's ASCII escapes read by jinja)."""
+    tok = minilm_tokenizer()
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
+    cases = [
+        (
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]}],
+            None,
+            "tool",
+        ),
+        ([{"role": "user", "content": "hi"}, {"role": "tool", "content": "sunny"}], None, "tool"),
+        ([{"role": "user", "content": "hi"}], [{"type": "function", "function": {"name": "weather"}}], "tool"),
+        ([{"role": "user", "content": "hi"}, {"role": "observation", "content": "sunny"}], None, "observation"),
+    ]
+    for name in ("chatml", "alpaca"):
+        tok.chat_template = info.chat_template_jinja(name, tok.eos_token)
+        for messages, tools, why in cases:
+            with pytest.raises(ChatTemplateError, match=why):
+                render(messages, tok, name, True, tools)
+            with pytest.raises(TemplateError, match=why):
+                tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    tok.eos_token = "\U0001f51a"
+    for name in ("chatml", "alpaca"):
+        tok.chat_template = info.chat_template_jinja(name, tok.eos_token)
+        want = render(CONVERSATIONS[0], tok, name)[0]
+        assert "yo\U0001f51a" in want
+        assert tok.apply_chat_template(CONVERSATIONS[0], tokenize=False) == want
+
+
+def test_the_template_opens_with_the_bos_the_run_trained_with(tmp_path):
+    """A Llama-like tokenizer that puts a BOS before every text: training's ids (``encode_chat``, the built-in
+    template's text with the tokenizer's special tokens) and ``apply_chat_template(tokenize=True)``'s (no special
+    tokens added, as vLLM's too) are the same ids (the BOS was missing), for a prompt too; a cls run, which reads no
+    data.template, keeps the tokenizer's chat template."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = smollm2_tokenizer()
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", pair="<|endoftext|> $A $B", special_tokens=[("<|endoftext|>", 0)]
+    )
+    tok.bos_token, tok.eos_token = "<|endoftext|>", "<|im_end|>"
+    for stage, template in (("sft", "alpaca"), ("dpo", "chatml"), ("cls", "chatml")):
+        run = tmp_path / stage
+        os.makedirs(run)
+        write_run_file(str(run), {"stage": stage, "data": {"template": template}})
+        jinja = info.merged_chat_template(str(run), tok)
+        if stage == "cls":
+            assert jinja is None
+            continue
+        tok.chat_template = jinja
+        for messages in CONVERSATIONS[:2]:
+            want = encode_chat(messages, tok, template)[0]
+            assert want[0] == 0
+            assert list(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]) == want
+        prompt = render(CONVERSATIONS[1], tok, template, add_generation_prompt=True)[0]
+        got = tok.apply_chat_template(CONVERSATIONS[1], add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert list(got) == tok(prompt)["input_ids"]
+
+
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
@@ -69,6 +144,13 @@ def merged(tmp_path_factory):
     os.makedirs(stale)
     (stale / "model.safetensors").write_bytes(b"half")
     assert main(["merge", "--adapter", str(root / "run"), "--out", str(root / "out")]) == 0
+    cls_base = save_tiny(root / "cls-base", "llama", "seq_cls")  # a cls run: data.template read by no row
+    model = AutoModelForSequenceClassification.from_pretrained(cls_base)
+    get_delta_model(model, LoraConfig(r=2, task_type="SEQ_CLS")).save_pretrained(root / "cls")
+    write_run_file(
+        str(root / "cls"), {"stage": "cls", "model": {"name_or_path": cls_base}, "data": {"template": "chatml"}}
+    )
+    assert main(["merge", "--adapter", str(root / "cls"), "--out", str(root / "cls-out")]) == 0
     return root
 
 
@@ -76,10 +158,15 @@ def test_merge_writes_the_trained_template_and_matches_peft(merged):
     """The merged folder's tokenizer prompts as the run trained (alpaca, its default system), and its logits are
     peft's merge_and_unload of the same adapter on the same base."""
     tok = AutoTokenizer.from_pretrained(merged / "out")
-    for messages in CONVERSATIONS[1:]:
-        want = render(messages, tok, "alpaca", add_generation_prompt=True)[0]
-        got = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        assert got == want
+    for messages in CONVERSATIONS[1:]:  # as token ids: MiniLM's tokenizer puts [CLS] first, and the run trained so
+        want = tok(render(messages, tok, "alpaca", add_generation_prompt=True)[0])["input_ids"][:-1]  # (no [SEP])
+        got = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
+        assert list(got["input_ids"]) == want
+    conversation = CONVERSATIONS[1][:3]  # the training row: its ids but the closing [SEP], which no template writes
+    got = tok.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+    assert list(got) + [tok.sep_token_id] == encode_chat(conversation, tok, "alpaca")[0]
+    cls = AutoTokenizer.from_pretrained(merged / "cls-out")  # a cls run keeps the base's chat template
+    assert cls.chat_template == AutoTokenizer.from_pretrained(merged / "cls-base").chat_template
     ids = torch.tensor([[5, 9, 17, 3, 11]])
     ours = AutoModelForCausalLM.from_pretrained(merged / "out")(ids).logits
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(merged / "base"), merged / "run")

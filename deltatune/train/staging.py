@@ -69,6 +69,19 @@ def staging_folder(out: str, overwrite: bool) -> Iterator[str]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def sweep_staging(out: str) -> None:
+    """Remove the staging folders (``staging_folder``'s ``.<out>.staging-<pid>``) that commands killed mid-write
+    left beside ``out``: those whose process is gone from this host's /proc (none where there is no /proc). A write
+    into the same ``out`` from another host or pid namespace is not seen as alive (merge takes no lock)."""
+    parent, prefix = os.path.split(_sibling(out, "staging-"))
+    if not os.path.isdir("/proc/self") or not os.path.isdir(parent):
+        return
+    for name in os.listdir(parent):
+        pid = name.removeprefix(prefix)
+        if name.startswith(prefix) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
 def check_apart(out: str, reads: dict[str, str | None], name: str = "--out") -> None:
     """Refuse an output folder that is, or holds, a file or folder the command reads (``reads``: what it is ->
     path): replacing the folder, as ``--overwrite`` does, would delete it. ``name``: the output's key or flag.
