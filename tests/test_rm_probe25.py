@@ -72,3 +72,100 @@ def test_ppo_rewards_gae_and_whitening_equal_trls_loop_on_responses_without_eos(
         assert torch.allclose(ours["rewards"], rewards, atol=1e-6)
         assert torch.allclose(ours["returns"], returns, atol=1e-6)
         assert torch.allclose(ours["advantages"], advantages, atol=1e-5)
+
+
+def _datasets_row(tmp_path, texts: list[str]) -> list:
+    """Each text as datasets' CSV builder reads it alone in a column (TRL's load_dataset("csv"))."""
+    path = tmp_path / "one.csv"
+    path.write_text(",".join(f"c{i}" for i in range(len(texts))) + "\n" + ",".join(texts) + "\n", encoding="utf-8")
+    row = Dataset.from_csv(str(path)).to_list()[0]
+    return [row[f"c{i}"] for i in range(len(texts))]
+
+
+def test_one_strict_number_grammar_as_datasets_csv_builder_reads_a_field(tmp_path):
+    """HEAD read a CSV field with Python's float(): '1_000' -> 1000.0, Arabic '٣' / full-width '２' -> 3.0 / 2.0,
+    '\\xa02' -> 2.0, which datasets (pandas) reads as text (TRL's collator then fails); a CSV margin of '1_000' trained
+    as 1000.0, a regression label too, a class id '1_000' was class 1000, and the config's number grammar (\\d) took
+    '٣' on the command line as 3.0. Now one ASCII grammar, equal to datasets' on each text."""
+    from deltatune.data.load import DataError, Row, read_rows
+    from deltatune.data.tasks import class_id, regression_target
+    from deltatune.train.config import _coerce
+    from deltatune.train.reward import _margins
+
+    path = tmp_path / "m.csv"  # the review's reproducer
+    path.write_text("prompt,chosen,rejected,margin\na,b,c,0.5\nd,e,f,1_000\n")
+    cfg = build({"stage": "rm", "model": {"name_or_path": "x"}, "data": {"train": str(path)}})
+    assert Dataset.from_csv(str(path))["margin"] == ["0.5", "1_000"]  # (text: TRL's collator fails on it)
+    with pytest.raises(DataError, match=r"m.csv:3: column 'margin' must be a finite number .*got '1_000'"):
+        _margins(str(path), cfg)
+    assert read_rows(str(path))[0].data["margin"] == "0.5"  # (the reader keeps text; the stages type it)
+    for text in ("1_000", "\xa02", "٣"):
+        with pytest.raises(DataError, match="is not a finite number"):
+            regression_target(Row({"label": text}, "r.csv:2"), "label")
+    assert _coerce("٣") == "٣" and _coerce("5e-4") == 5e-4
+    assert [class_id(t) for t in ("1_000", "٣", "1.0", " 3 ")] == [None, None, 1, 3]
+    from deltatune.data.tasks import csv_number
+
+    texts = ["0.5", " 2 ", "\t7\t", "+.5", "-0", "1e-400", "1e400", "2e-1", "1.", "1_000", "٣", "２", "\xa02", "nan"]
+    theirs = _datasets_row(tmp_path, texts)
+    assert [csv_number(t) for t in texts] == [None if isinstance(v, str) else v for v in theirs]
+
+
+def test_ordinary_labels_read_as_before_and_as_datasets_reads_them(tmp_path):
+    """An existing cls / regression run's CSV of ordinary numbers gives the labels it trained on: class ids and
+    regression targets equal float() of the text (HEAD's reading) and datasets' values."""
+    from deltatune.data.load import Row
+    from deltatune.data.tasks import label_map, regression_target
+
+    texts = ["1", "2", "10", " 3 ", "-1", "0", "+4"]
+    theirs = _datasets_row(tmp_path, texts)
+    rows = [Row({"label": t}, f"c.csv:{i + 2}") for i, t in enumerate(texts)]
+    assert [regression_target(r, "label") for r in rows] == [float(t) for t in texts] == theirs
+    mapping = label_map(rows, "label", None)
+    assert mapping == {v: k for k, v in enumerate(sorted(theirs))}  # (run_glue: label_list sorted)
+    floats = [Row({"label": t}, "c.csv:2") for t in ("0.25", "-1.5e2", ".5")]
+    assert [regression_target(r, "label") for r in floats] == [0.25, -150.0, 0.5]
+
+
+def test_kto_csv_labels_read_as_trls_kto_reads_datasets_columns(tmp_path):
+    """HEAD refused a KTO CSV's label 1.0 / 0.0 ("must be true or false ..., got '1.0'"), which datasets reads as
+    float64 and TRL's KTO trains on (torch.as_tensor(labels, dtype=torch.bool)). 1 / 0 and true / false as before."""
+    from deltatune.data.formats import _label
+    from deltatune.data.load import DataError, read_rows
+
+    for labels in (["1.0", "0.0", "1.0"], ["1", "0", "0"], ["true", "false", "True"], [" 1.0", "0.0 ", "1e0"]):
+        path = tmp_path / "k.csv"
+        path.write_text("prompt,completion,label\n" + "".join(f"p,c,{x}\n" for x in labels))
+        theirs = torch.as_tensor(Dataset.from_csv(str(path))["label"], dtype=torch.bool).tolist()
+        assert [_label(r, "label") for r in read_rows(str(path))] == theirs
+    path.write_text("prompt,completion,label\np,c,0.5\n")  # (TRL: True; refused here, as before)
+    with pytest.raises(DataError, match=r"k.csv:2: column 'label' must be true or false"):
+        _label(read_rows(str(path))[0], "label")
+
+
+def test_grpo_reward_columns_from_a_csv_typed_as_datasets_gives_them_to_trls_rewards(base, tmp_path):
+    """HEAD gave GRPO reward functions a CSV's columns as text ({'answer': '42', 'score': ''}); TRL's, read through
+    datasets' CSV builder, get {'answer': 42, 'score': None}: a reward written for TRL (a == 42) was always 0."""
+    from deltatune.data.load import read_rows
+    from deltatune.train.grpo import encode_prompts
+
+    path = tmp_path / "g.csv"  # the review's reproducer
+    path.write_text("prompt,answer,score\nwhat is 6*7,42,0.5\nwhat is 1+1,2,\n")
+    items, _ = encode_prompts(read_rows(str(path)), load_tokenizer(base), "prompt", 32, "keep_end")
+    theirs = [{k: v for k, v in r.items() if k != "prompt"} for r in Dataset.from_csv(str(path)).to_list()]
+    assert [it.columns for it in items] == theirs == [{"answer": 42, "score": 0.5}, {"answer": 2, "score": None}]
+
+    from deltatune.data.tasks import csv_typed
+
+    path = tmp_path / "t.tsv"  # per column: ints, ints with a gap, floats, bools, inf, missing values, text
+    path.write_text("a\tb\tc\td\te\tf\tg\th\ti\tj\tk\n"
+                    "42\t1\t0.5\ttrue\tinf\tNA\tx\t1_000\t1.\t 5\tTRUE\n"
+                    "-2\t\t1e5\tFALSE\t-Infinity\tNone\tNone\t2\t\xa02\t6 \t false\n"
+                    "7\t3\t+4\tTrue\t1\t\tnull\tn/a\t#N/A\t+7\tTrue\n")  # fmt: skip
+    rows = read_rows(str(path))
+    ours = csv_typed(rows)
+    want = Dataset.from_csv(str(path), sep="\t").to_list()
+    assert ours == want and [type(v) for v in ours[0].values()] == [type(v) for v in want[0].values()]
+    json_row = [r for r in read_rows(str(path))[:1]]
+    json_row[0].source = "x.jsonl:1"  # (a row of another file: as it is)
+    assert csv_typed(json_row) == [json_row[0].data]

@@ -33,6 +33,7 @@ the same chat template for the same pair whatever its shape. Images and videos (
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 
 from .formats_messages import (
@@ -415,14 +416,19 @@ def _prompt(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
     return Sample(row.source, "prompt", prompt, conversational=conv, tools=row_tools(row, _col(c, "tools")), **media)
 
 
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", re.ASCII)
+"""A number as pandas (datasets' CSV reader) types one (fullmatch): ASCII digits; '1_000', '٣', '\xa02' are text."""
+
+
 def _label(row: Row, column: str) -> bool:
     value = row.get(column)
+    if isinstance(value, str):  # text (CSV): true / false, or 1 / 0 / 1.0 / 0.0, as datasets types them for TRL
+        word, s = value.strip().lower(), value.strip(" \t")
+        value = {"true": True, "false": False}.get(word, float(s) if NUMBER.fullmatch(s) else value)
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and value in (0, 1):
         return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
-        return value.strip().lower() in ("true", "1")
     raise DataError(f"{row.source}: column {column!r} must be true or false (desirable or not), got {value!r}")
 
 

@@ -9,7 +9,6 @@ first one's file and line.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import math
 import re
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .formats import NUMBER
 from .load import DataError, Row
 from .templates import IGNORE_INDEX
 
@@ -152,12 +152,50 @@ def class_of(label: Any, mapping: dict[Any, int]) -> int | None:
     return None
 
 
+def csv_number(text: str) -> float | None:
+    """A CSV or TSV field's text as the number pandas (datasets' CSV reader, which TRL and run_glue read through) types
+    it: ``formats.NUMBER`` between ASCII spaces and tabs (1e400: inf); None for text ('1_000', '٣', '\xa02', 'nan')."""
+    s = text.strip(" \t")
+    return float(s) if NUMBER.fullmatch(s) else None
+
+
+_NA = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+                 "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})  # fmt: skip
+"""pandas' default missing values (its STR_NA_VALUES, and ''): datasets' CSV reader gives None for them."""
+_INF, _INT = re.compile(r"[-+]?inf(inity)?", re.IGNORECASE), re.compile(r"[-+]?\d+", re.ASCII)
+_BOOLS = frozenset(("True", "TRUE", "true", "False", "FALSE", "false"))
+
+
+def csv_typed(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """Each row's columns as datasets' CSV builder (pandas' type inference, per column of each .csv / .tsv file)
+    gives them to TRL: a missing value (``_NA``) None; a column of whole numbers ints (none missing), of numbers
+    (or inf) floats, of True / False (true, TRUE ...) bools; else text. A row of another file as it is."""
+    out = [dict(r.data) for r in rows]
+    files: dict[str, list[dict[str, Any]]] = {}
+    for r, data in zip(rows, out):
+        if r.source.rpartition(":")[0].lower().endswith((".csv", ".tsv")):
+            files.setdefault(r.source.rpartition(":")[0], []).append(data)
+    for group in files.values():
+        for col in group[0]:
+            cells = [d[col] for d in group if isinstance(d.get(col), str) and d[col] not in _NA]
+            nums = {c: float(c) if _INF.fullmatch(c) else csv_number(c) for c in cells}
+            if None not in nums.values():
+                whole = len(cells) == len(group) and all(_INT.fullmatch(c.strip(" \t")) for c in cells)
+                typed: dict[str, Any] = {c: int(c) if whole else v for c, v in nums.items()}
+            else:
+                typed = {c: c.lower() == "true" if set(cells) <= _BOOLS else c for c in cells}
+            for d in group:
+                if isinstance(d.get(col), str):
+                    d[col] = typed.get(d[col])  # (a missing value: None)
+    return out
+
+
 def class_id(value: Any) -> int | None:
-    """A label that is a whole number (1, 1.0, "1", "1.0") as its class id; None for a class name."""
+    """A label that is a whole number (1, 1.0, "1", "1.0"; text as ``csv_number`` reads it) as its class id; None
+    for a class name."""
     if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
+        value = csv_number(value)
+        if value is None:
             return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
         return None
@@ -294,9 +332,10 @@ def regression_target(row: Row, column: str) -> float:
     """
     value = row.get(column)
     number = None
-    if not isinstance(value, bool) and isinstance(value, (int, float, str)):
-        with contextlib.suppress(ValueError):
-            number = float(value)
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        number = csv_number(value)
     if number is None or not math.isfinite(number):
         raise DataError(
             f"{row.source}: label {value!r} in column {column!r} is not a finite number; a regression "

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import yaml
 
 from ..config import TASK_TYPES, ConfigError
+from ..data.formats import NUMBER as _NUMBER  # (one number grammar: ASCII digits, as pandas reads a CSV's)
 from .config_align import (  # noqa: F401  (the align section, a room of its own; names kept here)
     ALIGN_UNBUILT,
     DPO_LOSS_TYPES,
@@ -214,9 +215,6 @@ def _unknown(full: str, key: str, known: list[str], where: str) -> str:
     return f"unknown key {full!r} in {where}{hint}"
 
 
-_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
 def _coerce(value: str) -> Any:
     """A command-line value as YAML reads it (16 -> int, true -> bool, [a, b] -> list), and 1e-4 -> float too (YAML
     1.1 would keep it text); quoted, it is text. A text stays as typed (YAML cut ``output.dir=a #2`` to 'a')."""
@@ -225,14 +223,14 @@ def _coerce(value: str) -> Any:
     except yaml.YAMLError:
         return value
     if isinstance(parsed, str) and not value.strip().startswith(("'", '"')):  # (quoted: YAML's unquoted text)
-        return float(value) if _NUMBER.match(value.strip()) else value.strip()
+        return float(value) if _NUMBER.fullmatch(value.strip()) else value.strip()
     return parsed
 
 
 def _numbers(mapping: dict[str, Any]) -> dict[str, Any]:
     """A recipe file's mapping with each number YAML 1.1 keeps as text (1e-4: no dot) a float, as ``_coerce`` reads
     a command-line value: the ``method`` section, ``train.lr_scheduler_kwargs``."""
-    return {k: float(v) if isinstance(v, str) and _NUMBER.match(v) else v for k, v in mapping.items()}
+    return {k: float(v) if isinstance(v, str) and _NUMBER.fullmatch(v) else v for k, v in mapping.items()}
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -353,7 +351,7 @@ def _typed(section: str, cls: type, values: dict[str, Any]) -> dict[str, Any]:
     out = dict(values)
     for key, value in values.items():
         kinds = [_TYPES.get(t.strip().split("[")[0], object) for t in types[key].split("|")]  # object: any value
-        if isinstance(value, str) and str not in kinds and {int, float} & set(kinds) and _NUMBER.match(value):
+        if isinstance(value, str) and str not in kinds and {int, float} & set(kinds) and _NUMBER.fullmatch(value):
             value = float(value)  # YAML 1.1 reads 5e-4 as text (in any section: data.limit 1e3 was refused as '1e3')
         if isinstance(value, bool):
             ok = bool in kinds

@@ -55,7 +55,7 @@ from ..config import ConfigError
 from ..data.load import DataError, Row
 from ..data.preference import bos_prefix, special_ends
 from ..data.sample import AUDIO_MARKER
-from ..data.tasks import Collator
+from ..data.tasks import Collator, csv_typed
 from ..data.templates import apply_chat_template, check_markers, render, too_long
 from .checks import check_rollout_context, resolved_precision
 from .config import AlignArgs, RunConfig
@@ -331,7 +331,7 @@ def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int
     """(items, number truncated): each row's prompt as ids (through ``template``, the recipe's data.template, as
     generate and chat prompt the run; else chat messages through the tokenizer's chat template, text as is after the
     BOS the tokenizer adds), cut from its start to ``max_length`` tokens; the row's other columns kept for rewards
-    (not ``completion`` nor ``completion_ids``, which TRL leaves out).
+    (not ``completion`` nor ``completion_ids``, which TRL leaves out); a CSV's typed per column (``csv_typed``).
 
     Raises:
         DataError: a missing or empty prompt, chat messages without a chat template or under data.template=raw,
@@ -343,7 +343,7 @@ def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int
         tok, template
     )  # (as where answers train: rendered with the generation prompt, it is not checked there)
     items, truncated = [], 0
-    for row in rows:
+    for row, typed in zip(rows, csv_typed(rows)):  # (a CSV's columns typed as datasets gives them to TRL's rewards)
         prompt = row.get(prompt_column)
         chat = isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt)
         if not chat and not (isinstance(prompt, str) and prompt.strip()):
@@ -372,7 +372,7 @@ def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int
             if truncation == "refuse":
                 raise too_long(row.source, len(ids), max_length)
             ids, truncated = ids[len(ids) - max_length :], truncated + 1
-        columns = {k: v for k, v in row.data.items() if k not in (prompt_column, "completion", "completion_ids")}
+        columns = {k: v for k, v in typed.items() if k not in (prompt_column, "completion", "completion_ids")}
         items.append(PromptItem(ids, prompt, columns, row.source))
     return items, truncated
 

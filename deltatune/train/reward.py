@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.preference import PairCollator
+from ..data.tasks import csv_number
 from .config import RunConfig
 from .pairs import PairTrainer, count_tokens, encode_pair_splits, every_process, pair_metrics
 from .pairs import disable_dropout as _disable_dropout
@@ -176,12 +177,11 @@ def _margins(spec: str | None, cfg: RunConfig) -> dict[str, float] | None:
 
 def _number(value, source: str):
     """A CSV or TSV field's text as the number it writes (TRL reads such a file through datasets' CSV builder, which
-    types a column of numbers as floats); any other value as it is. Text of a JSON row stays text (refused)."""
+    types a column of numbers as floats: ``csv_number``'s grammar, '1_000' or '\xa02' text); any other value as it
+    is. Text of a JSON row stays text (refused)."""
     if isinstance(value, str) and source.rpartition(":")[0].lower().endswith((".csv", ".tsv")):
-        try:
-            return float(value)
-        except ValueError:
-            return value
+        number = csv_number(value)
+        return value if number is None else number
     return value
 
 
