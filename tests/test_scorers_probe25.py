@@ -105,3 +105,23 @@ def test_a_tokenizer_json_without_its_keys_is_one_line_and_a_ppo_reward_folder_w
                                                                                        f'"vocab_size": {len(tok) - 1}'))  # fmt: skip
     with pytest.raises(ConfigError, match=rf"its vocabulary of {len(tok) - 1} tokens is smaller than the policy"):
         check_token_reward(folder, tok)
+
+
+def test_a_bpe_vocabulary_without_its_merges_is_one_line(tmp_path):
+    """A folder holding vocab.json without merges.txt (or the reverse): transformers refuses it (tokenizers' ValueError
+    "`vocab` and `merges` must be both be from memory or both filenames"), which models.load_tokenizer let through as
+    a traceback naming neither file; now one line naming the file it holds and its missing pair."""
+    from transformers import AutoTokenizer
+
+    from deltatune.train.models import load_tokenizer
+
+    folder = _folder(tmp_path, 8)
+    for have, content in (("vocab.json", '{"a": 0, "b": 1}'), ("merges.txt", "#version: 0.2\na b\n")):
+        for f in ("vocab.json", "merges.txt"):
+            (tmp_path / f).unlink(missing_ok=True)
+        (tmp_path / have).write_text(content)
+        with pytest.raises(ValueError, match="merges"):
+            AutoTokenizer.from_pretrained(folder)  # (the reference refuses it too)
+        with pytest.raises(ConfigError) as err:
+            load_tokenizer(folder)
+        assert "\n" not in str(err.value) and f"holds {have} without its pair" in str(err.value)

@@ -108,6 +108,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
                 f"model {name_or_path!r} holds no tokenizer vocabulary (tokenizer.json, vocab.json, ...; only a "
                 "tokenizer_config.json): copy the base model's tokenizer files into it"
             ) from None
+        half = [f for f in ("vocab.json", "merges.txt") if os.path.isfile(os.path.join(path, f))]  # (BPE's pair)
+        if "`merges`" in str(exc) and len(half) == 1:  # (tokenizers: "`vocab` and `merges` must be both be ...")
+            raise ConfigError(f"model {name_or_path!r} holds {half[0]} without its pair (vocab.json and merges.txt, "
+                              "a BPE tokenizer reads both): copy the base model's tokenizer files into it") from None  # fmt: skip
         raise
     if os.path.isdir(path) and _built_empty(path, tok):
         count = f"{len(tok)} token" + ("s" if len(tok) != 1 else "")
