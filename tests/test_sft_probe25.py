@@ -52,10 +52,102 @@ def test_sft_ids_and_labels_match_apply_chat_template(tok, template):
     assert ex["labels"] == want
 
 
-@pytest.mark.parametrize("template", [None, "chatml"])
-def test_a_final_assistant_turn_goes_on(tok, template):
-    # transformers' continue_final_message (its text-generation pipeline's default for a conversation ending with
-    # an assistant turn): the prefill stays open; it was closed with <|im_end|> and a new assistant header opened.
+# LLaMA-Factory's alpaca (deltatune's built-in "alpaca": its default system, each answer closed by the EOS and a
+# blank line) as a jinja chat template, so that transformers' continue_final_message can be applied to it.
+ALPACA = (
+    "{% if not (messages and messages[0]['role'] == 'system' and messages[0]['content']) %}"
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "{% endif %}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
+    "{% else %}### Response:\n{{ m['content'] }}{{ eos_token }}\n\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}"
+)
+
+
+def test_a_final_assistant_turn_goes_on(tok):
+    """transformers' continue_final_message (its text-generation pipeline's default for a conversation ending with
+    an assistant turn): the prefill stays open, through a built-in template as through the tokenizer's, and as PPO's
+    prompt (encode.prompt_ids) continues it. The built-in path cut the text at the content's last match, which may
+    lie in the EOS after it: '' and '\n' came back closed, '<' doubled, 'd' and 'e' cut inside <|im_end|>."""
+    from deltatune.data.encode import prompt_ids as ppo_prompt_ids
+    from deltatune.data.sample import Sample
+    from deltatune.data.templates import ChatTemplateError, render
+
+    conv = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
+    assert tok.apply_chat_template(conv, chat_template=ALPACA, tokenize=False) == render(conv, tok, "alpaca")[0]
+    cases = [(t, c) for c in ("Sure, ", "", "\n", "<", "d", "e") for t in (None, "chatml")] + [("alpaca", "e")]
+    for template, content in cases:
+        prefill = [*CONV[:2], {"role": "assistant", "content": content}]
+        ref = _ids(tok, prefill, continue_final_message=True, chat_template=ALPACA if template == "alpaca" else None)
+        assert prompt_ids(tok, prefill, template=template) == ref, (template, content)
+        assert ppo_prompt_ids(Sample("t:1", "prompt_only", prefill), tok, template, 512) == ref, (template, content)
+    with pytest.raises(ChatTemplateError, match=r"messages\[2\]\.content: data.template=chatml renders text"):
+        prompt_ids(
+            tok, [*CONV[:2], {"role": "assistant", "content": [{"type": "text", "text": "Sure, "}]}], template="chatml"
+        )
+
+
+def test_a_final_message_the_chat_template_leaves_out_is_refused_in_one_line(tok, monkeypatch):
+    """A chat template that does not write the final assistant message (this one writes an assistant turn's text
+    only where more follows): transformers' ValueError, many lines with the whole rendered chat, came through raw."""
+    from deltatune.config import ConfigError
+
+    drops = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] != 'assistant' or not loop.last %}"
+        "{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+    )
+    monkeypatch.setattr(tok, "chat_template", drops)
     prefill = [*CONV[:2], {"role": "assistant", "content": "Sure, "}]
-    ref = _ids(tok, prefill, continue_final_message=True)
-    assert prompt_ids(tok, prefill, template=template) == ref
+    with pytest.raises(ValueError, match="continue_final_message"):
+        _ids(tok, prefill, continue_final_message=True)  # (transformers refuses it too)
+    with pytest.raises(ConfigError, match=r"^messages\[2\]: the chat template does not write") as err:
+        prompt_ids(tok, prefill)
+    assert "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def served(tok, tmp_path_factory):
+    """The app serving a tiny Llama with SmolLM2's tokenizer: the base (the tokenizer's chatml template) and an
+    adapter whose run trained under the built-in chatml."""
+    pytest.importorskip("fastapi")
+    import torch
+    import yaml
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import deltatune as dt
+    from deltatune.serve.app import create_app
+    from deltatune.serve.engine import Engine
+
+    def model():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                            max_position_embeddings=128)).eval()  # fmt: skip
+
+    run = tmp_path_factory.mktemp("run")
+    dt.DeltaModel(model(), dt.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(run))
+    (run / "run.yaml").write_text(yaml.safe_dump({"stage": "sft", "data": {"template": "chatml"}}))
+    engine = Engine(dt.DeltaModel(model(), fused_loss=False), tok, max_wait_s=0.001)
+    engine.load_adapter("tuned", str(run))
+    yield create_app(engine, max_tokens=4)
+    engine.close()
+
+
+def test_serve_keeps_vllms_final_assistant_message_under_a_built_in_template(tok, served):
+    """vLLM's chat endpoint: by default (add_generation_prompt true) a final assistant message is closed and a new
+    assistant header opened; {add_generation_prompt: false, continue_final_message: true} continues it. The adapter
+    trained under the built-in chatml continued it by default (8f6362c) and refused the explicit request."""
+    from test_serve_probe11 import _call
+
+    messages = [*CONV[:2], {"role": "assistant", "content": "Sure, "}]
+    go_on = {"add_generation_prompt": False, "continue_final_message": True}
+    for fields, ref in (({}, _ids(tok, messages, add_generation_prompt=True)),
+                        (go_on, _ids(tok, messages, continue_final_message=True))):  # fmt: skip
+        for model in ("base", "tuned"):
+            status, out = _call(served, "/tokenize", {"model": model, "messages": messages, **fields})
+            assert (status, out["tokens"]) == (200, ref), (model, fields, out)
+            body = {"model": model, "messages": messages, "max_tokens": 1, **fields}
+            status, out = _call(served, "/v1/chat/completions", body)
+            assert (status, out["usage"]["prompt_tokens"]) == (200, len(ref)), (model, fields, out)
+    status, out = _call(served, "/tokenize", {"model": "tuned", "messages": CONV[:2], **go_on})
+    assert (status, out["error"]["param"]) == (400, "continue_final_message"), out

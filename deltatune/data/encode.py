@@ -328,21 +328,22 @@ def prompt_ids(s: Sample, tokenizer, template: str | None, max_length: int) -> l
         ids = tokenizer(as_written(s.messages[0]), add_special_tokens=False)["input_ids"]
         return head + ids[max(0, len(ids) - (max_length - len(head))) :]
     head = special_ends(tokenizer)[0] if _add_special(template) else []  # (not BERT's closing [SEP]: train.chat's)
-    ids = head + tokenizer(_prompt_text(s, tokenizer, template), add_special_tokens=False)["input_ids"]
+    text = prompt_text(s.messages, tokenizer, template, s.tools, s.template_kwargs)
+    ids = head + tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids[max(0, len(ids) - max_length) :]
 
 
-def _prompt_text(s: Sample, tokenizer, template: str | None) -> str:
-    """The prompt rendered for sampling: through the generation prompt, or, where it ends with an assistant turn (a
-    prefill), continuing that turn, as TRL's ``maybe_apply_chat_template`` renders it (``continue_final_message``)."""
-    n = len(s.messages)
-    if s.messages[-1]["role"] != "assistant":
-        return render(s.messages, tokenizer, template, True, s.tools, n, kwargs=s.template_kwargs)[0]
+def prompt_text(messages: list[Message], tokenizer, template: str | None, tools=None, kwargs=None) -> str:
+    """The prompt rendered for sampling (PPO's, chat's, serve's): through the generation prompt, or, where it ends with an
+    assistant turn (a prefill), continuing it, as TRL's ``maybe_apply_chat_template`` (``continue_final_message``)."""
+    n = len(messages)
+    if messages[-1]["role"] != "assistant":
+        return render(messages, tokenizer, template, True, tools, n, kwargs=kwargs)[0]
     if template is None:
-        kw = {**(s.template_kwargs or {}), **({"tools": s.tools} if s.tools else {})}
-        return apply_chat_template(tokenizer, s.messages, tokenize=False, continue_final_message=True, **kw)
-    head, _ = render(s.messages[:-1], tokenizer, template, True, s.tools, n, kwargs=s.template_kwargs)
-    return head + s.messages[-1]["content"]  # (a built-in template's generation prompt is its assistant prefix)
+        kw = {**(kwargs or {}), **({"tools": tools} if tools else {})}
+        return apply_chat_template(tokenizer, messages, tokenize=False, continue_final_message=True, **kw)
+    head, _ = render(messages[:-1], tokenizer, template, True, tools, n, kwargs=kwargs)
+    return head + messages[-1]["content"]  # (a built-in template's generation prompt is its assistant prefix)
 
 
 # -- what the report and ``deltatune data inspect`` show ---------------------------------------------------
@@ -366,7 +367,7 @@ def rendered(
     if stage == "ppo":
         if template == RAW:
             return [("prompt", as_written(s.messages[0]), [])]
-        return [("prompt", _prompt_text(s, tokenizer, template), [])]
+        return [("prompt", prompt_text(s.messages, tokenizer, template, s.tools, s.template_kwargs), [])]
     if s.text is not None:
         return [("text", s.text, [(0, len(s.text))])]
     if stage == "sft" and template == RAW:

@@ -39,7 +39,8 @@ def _named(template: str) -> str:
 def _rendering(body: dict, template: str | None) -> dict[str, Any]:
     """vLLM's rendering fields of a chat request, checked: the tokenizer's chat template takes them (its own
     variables, such as Qwen3's ``enable_thinking``, in ``chat_template_kwargs``); a run's built-in template only
-    their defaults."""
+    their defaults, and the continuation of a final assistant message (``continue_final_message`` with
+    ``add_generation_prompt`` false)."""
     out = {key: body.get(key, default) for key, default in RENDERING.items()}
     out = {key: default if out[key] is None else out[key] for key, default in RENDERING.items()}
     out["tools"] = _tools(body)
@@ -62,6 +63,8 @@ def _rendering(body: dict, template: str | None) -> dict[str, Any]:
             param="continue_final_message",
         )
     changed = [key for key, default in RENDERING.items() if out[key] != default]
+    if template is not None and out["continue_final_message"]:  # (a built-in template continues a final answer too)
+        changed = [key for key in changed if key not in ("add_generation_prompt", "continue_final_message")]
     if template is not None and changed:
         raise RequestError(
             f"{changed[0]} is not served for this model: its chat requests are rendered with {_named(template)} "
@@ -118,9 +121,10 @@ def _tools(body: dict) -> list[dict] | None:
 def _chat_ids(
     tokenizer: Any, messages: Any, template: str | None = None, rendering: dict[str, Any] | None = None
 ) -> list[int]:
-    """The prompt of a chat request, the assistant's turn opened: rendered with ``template`` (the built-in one the
-    adapter's run trained with) as ``deltatune chat`` renders it, else with the tokenizer's chat template (with
-    ``rendering``'s options, vLLM's: ``RENDERING``)."""
+    """The prompt of a chat request, the assistant's turn opened (or a final one continued, with
+    ``continue_final_message``): rendered with ``template`` (the built-in one the adapter's run trained with) as
+    ``deltatune chat`` renders it, else with the tokenizer's chat template (with ``rendering``'s options, vLLM's:
+    ``RENDERING``)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list of {role, content}", param="messages")
     clean = []
@@ -161,16 +165,22 @@ def _chat_ids(
     source = getattr(tokenizer, "chat_template", None) if template is None else None
     if "developer" not in (source if isinstance(source, str) else ""):  # OpenAI's newer name for the system role
         clean = [{**m, "role": "system"} if m["role"] == "developer" else m for m in clean]
+    options = {**RENDERING, **(rendering or {})}
     if template is not None:
         from ..train.chat import prompt_ids
 
+        # Else, as vLLM's default (add_generation_prompt): a final answer closed and a new one opened
+        go_on = options["continue_final_message"]
+        if go_on and clean[-1]["role"] != "assistant":
+            raise RequestError(f"continue_final_message: {_named(template)} continues a final assistant message, and "
+                               f"the last is a {clean[-1]['role']} message", code="unsupported",
+                               param="continue_final_message")  # fmt: skip
         try:
-            return prompt_ids(tokenizer, clean, template=template)
+            return prompt_ids(tokenizer, clean, template=template, continue_final=go_on)
         except ValueError as exc:  # DataError, ConfigError: a conversation the template cannot render
             raise RequestError(str(exc), param="messages") from None
     if not getattr(tokenizer, "chat_template", None):
         raise RequestError("this model's tokenizer has no chat template; use /v1/completions", code="no_chat_template")
-    options = {**RENDERING, **(rendering or {})}
     kwargs = options["chat_template_kwargs"]
     named = inspect.signature(tokenizer.apply_chat_template).parameters
     taken = [k for k in kwargs if not isinstance(k, str) or (k in named and k != "kwargs") or k == "messages"]

@@ -61,28 +61,38 @@ def check_base(model, what: str) -> None:
 
 
 def prompt_ids(
-    tok, prompt: str | Messages, raw: bool = False, system: str | None = None, template: str | None = None
+    tok,
+    prompt: str | Messages,
+    raw: bool = False,
+    system: str | None = None,
+    template: str | None = None,
+    continue_final: bool = True,
 ) -> list[int]:
     """Token ids of ``prompt`` (a user message, or a whole conversation ending with a user or tool turn, or with an
     assistant turn to go on with, transformers' ``continue_final_message``) ready for generation: through
     ``template`` (a built-in one a run trained with, ``data.template``) when given, else the chat template when the
     tokenizer has one; the text as the tokenizer encodes it when ``raw`` (a seq2seq source keeps T5's closing
-    ``</s>``), else, without a chat template, after its leading specials alone."""
+    ``</s>``), else, without a chat template, after its leading specials alone. ``continue_final`` false closes a final
+    assistant turn and opens a new one (vLLM's chat default, ``add_generation_prompt``)."""
     for m in [{"content": prompt}] if isinstance(prompt, str) else prompt:
         check_text(m.get("content") if isinstance(m.get("content"), str) else None, "the prompt")
     tools, kwargs = getattr(prompt, "tools", None), getattr(prompt, "kwargs", None)  # (a Conversation's)
     check_text(system, "the system prompt")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system is not None and (not messages or messages[0]["role"] != "system"):  # (a row's own one wins)
+        messages = [{"role": "system", "content": system}, *messages]
+    go_on = continue_final and bool(messages) and messages[-1]["role"] == "assistant"  # (a prefilled answer)
     if template is not None and not raw:
+        from ..data.encode import prompt_text
         from ..data.preference import special_ends
         from ..data.templates import render
 
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if system is not None and (not messages or messages[0]["role"] != "system"):  # (a row's own one wins)
-            messages = [{"role": "system", "content": system}, *messages]
-        last = messages[-1] if messages and messages[-1]["role"] == "assistant" else None
-        text = render(messages, tok, template, add_generation_prompt=last is None, tools=tools, kwargs=kwargs)[0]
-        if last is not None and isinstance(last["content"], str):  # (goes on, as continue_final_message cuts it)
-            text = text[: text.rindex(last["content"]) + len(last["content"])]
+        # Continued as PPO's prompt continues it: the turns before it through the generation prompt, then its text
+        text = (
+            prompt_text(messages, tok, template, tools, kwargs)
+            if go_on and isinstance(messages[-1]["content"], str)  # (else refused by render, naming the message)
+            else render(messages, tok, template, add_generation_prompt=True, tools=tools, kwargs=kwargs)[0]
+        )
         # The tokenizer's leading specials (Llama's BOS, BERT's [CLS]) as training put them before the conversation;
         # not its closing ones (BERT's [SEP]), which training has after the answer, not after the assistant header.
         return special_ends(tok)[0] + tok(text, add_special_tokens=False)["input_ids"]
@@ -100,13 +110,14 @@ def prompt_ids(
         # As a run read without a template opens its rows (and its PPO prompt): the leading specials, BERT's [CLS],
         # not its closing [SEP], which training has after the answer.
         return special_ends(tok)[0] + tok(prompt, add_special_tokens=False)["input_ids"]
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if system is not None and (not messages or messages[0]["role"] != "system"):
-        messages = [{"role": "system", "content": system}, *messages]
-    more = {**(kwargs or {}), **({"tools": tools} if tools else {})}
-    more["continue_final_message"] = bool(messages) and messages[-1]["role"] == "assistant"  # (a prefilled answer)
-    gen = not more["continue_final_message"]
-    ids = apply_chat_template(tok, messages, add_generation_prompt=gen, tokenize=True, return_dict=True, **more)
+    more = {**(kwargs or {}), **({"tools": tools} if tools else {}), "tokenize": True, "return_dict": True}
+    try:
+        ids = apply_chat_template(tok, messages, add_generation_prompt=not go_on, continue_final_message=go_on, **more)
+    except ValueError as exc:  # transformers' many lines (with the whole rendered chat): one, naming the message
+        if not go_on or "continue_final_message" not in str(exc):
+            raise
+        raise ConfigError(f"messages[{len(messages) - 1}]: the chat template does not write this final assistant "
+                          "message as it is, so the answer cannot go on from it") from None  # fmt: skip
     return list(ids["input_ids"])
 
 
