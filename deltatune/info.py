@@ -155,9 +155,9 @@ def merged_chat_template(adapter: str, tok) -> str | None:
 def chat_template_jinja(template: str, eos: str | None, bos: str = "") -> str | None:
     """The built-in ``data.template`` as a jinja chat template, rendering as ``data.templates.render`` does (each
     answer closed by ``eos``; the default system where the conversation has none), after ``bos`` (the tokenizer's
-    leading special tokens, which ``apply_chat_template(tokenize=True)`` does not add); tool calls, ``tools`` and
-    roles other than system, user and assistant raise, as ``render`` refuses them. None for ``raw`` (plain text, no
-    chat format) and a name that is no built-in template."""
+    leading special tokens, which ``apply_chat_template(tokenize=True)`` does not add); tool calls, ``tools``, roles
+    other than system, user and assistant, and content that is no text raise, as ``render`` refuses them. None for
+    ``raw`` (plain text, no chat format) and a name that is no built-in template."""
     from .data.templates import TEMPLATES
 
     t, eos = TEMPLATES.get(template), eos or ""
@@ -176,6 +176,7 @@ def chat_template_jinja(template: str, eos: str | None, bos: str = "") -> str | 
     default = lit(t.system.format(content=t.default_system) if t.default_system else "")
     tools = lit(f"data.template={template} has no tool support (tool calls need a chat template that renders them)")
     role = lit(f"data.template={template} renders system, user and assistant turns, not ")
+    parts = lit(f"data.template={template} renders text, not a list of parts (a vision-language chat template's)")
     return (
         f"{{{{ {lit(bos)} }}}}"
         "{%- if not (messages and messages[0]['role'] == 'system' and messages[0]['content']) %}"
@@ -184,6 +185,7 @@ def chat_template_jinja(template: str, eos: str | None, bos: str = "") -> str | 
         f"{{{{ raise_exception({tools}) }}}}"
         "{%- elif m['role'] not in ('system', 'user', 'assistant') %}"
         f"{{{{ raise_exception({role} + m['role']) }}}}"
+        f"{{%- elif m['content'] is not string %}}{{{{ raise_exception({parts}) }}}}"
         "{%- elif m['role'] == 'assistant' %}"
         f"{{{{ {a0} + m['content'] + {a1} }}}}"
         f"{{%- elif m['role'] == 'user' %}}{{{{ {u0} + m['content'] + {u1} }}}}"

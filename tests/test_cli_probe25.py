@@ -85,6 +85,7 @@ def test_the_template_jinja_refuses_what_render_refuses_and_keeps_an_emoji_eos()
         ([{"role": "user", "content": "hi"}, {"role": "tool", "content": "sunny"}], None, "tool"),
         ([{"role": "user", "content": "hi"}], [{"type": "function", "function": {"name": "weather"}}], "tool"),
         ([{"role": "user", "content": "hi"}, {"role": "observation", "content": "sunny"}], None, "observation"),
+        ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], None, "renders text, not"),
     ]
     for name in ("chatml", "alpaca"):
         tok.chat_template = info.chat_template_jinja(name, tok.eos_token)
