@@ -357,7 +357,7 @@ def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int
         if template is not None:  # a built-in template writes no BOS: the tokenizer adds it
             messages = prompt if chat else [{"role": "user", "content": prompt}]
             text = render(messages[: len(messages) - prefill], tok, template, True, train_from=len(messages))[0]
-            text = text + messages[-1]["content"] if prefill else text  # (as encode._prompt_text)
+            text = text + messages[-1]["content"] if prefill else text  # (as encode.prompt_text)
             ids = special_ends(tok)[0] + tok(text, add_special_tokens=False)["input_ids"]  # (no closing [SEP])
         elif chat:
             if not getattr(tok, "chat_template", None):
