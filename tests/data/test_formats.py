@@ -303,10 +303,9 @@ def cli_args(models, key: str, stage: str, out: str) -> list[str]:
             f"data.train={fixture(key)}", "data.eval=null", "data.max_length=96", "train.max_steps=2",
             "train.batch_size=2", "train.grad_accum=1", "train.logging_steps=1", "train.report_to=[none]",
             "train.eval_on_start=false", f"output.dir={out}", *FILES[key][3]]  # fmt: skip
-    if stage == "pt":
-        args.append("data.max_length=16")
-    if key.startswith("tools"):
-        args.append("data.max_length=256")  # the tool schemas fill a system turn
+    length = 16 if stage == "pt" else 256 if key.startswith("tools") else None  # (tools: schemas fill a system turn)
+    if length:  # in place: a key given twice is said on stderr
+        args[args.index("data.max_length=96")] = f"data.max_length={length}"
     if stage == "ppo":
         args += ["align.reward_model=test_formats:length_reward", "align.max_new_tokens=3", "align.mini_batch_size=2",
                  "align.ppo_epochs=1"]  # fmt: skip
