@@ -131,3 +131,16 @@ def test_a_rows_penalties_are_vllms_and_cost_its_new_tokens_alone(monkeypatch):
             sampling.adjusted(logits, r)
         r.output_ids.append(t)
     assert converted[0] <= len(prompt) + len(answer)
+
+
+def test_a_run_of_skipped_eos_tokens_costs_no_decoding_as_text_stays_vllms(smol):
+    """Under ignore_eos a skipped EOS gives no text: a window of them decoded to nothing, so every such step decoded
+    the whole answer again (words then 590 EOS: 186,111 ids decoded; runs of 7 EOS between words: 53,243). The window
+    now starts at the last tokens that gave text (vLLM's prefix offset) and the EOS, which decode drops, cost nothing;
+    the text after each token is still vLLM's DecodeStream's."""
+    eos, prompt = smol.eos_token_id, smol("Hi")["input_ids"]
+    words = smol(" the cat sat on the mat and", add_special_tokens=False)["input_ids"]
+    for answer in (words[:10] + [eos] * 590, ([eos] * 7 + words[:1]) * 75):
+        counting = _Counting(smol)
+        assert _steps(counting, prompt, answer) == _vllm_steps(smol, prompt, answer)
+        assert counting.decoded < 20 * len(answer)

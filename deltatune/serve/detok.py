@@ -11,6 +11,7 @@ whole, its first bytes the prompt's, as vLLM's DecodeStream gives it (it was U+F
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 _CONTEXT = (5, 24)  # the prompt tokens decoded before the answer: at least 5, more while they end inside a character
@@ -32,7 +33,10 @@ class Detokenizer:
         # right after another is its raw text (a WordPiece decoder's " [SEP]" after "[CLS]" is "[SEP]")
         self.joined = set() if skip_special_tokens or spaces_between_special_tokens else _added(tokenizer)
         self.context: list[int] | None = None  # None: the answer is decoded alone; set at its first token
-        self._last: tuple[list[int], str] | None = None  # the ids last decoded whole (``_grown``) and their text
+        # ``_grown``'s state: the ids decoded last (how many, the last one), their text, the last tokens with text
+        self._n, self._id, self._text, self._window, self._all = 0, -1, "", [], True
+        self._dropped: dict[int, bool] = {}  # ``_drops``' answers
+        self._lead = 0  # the answer's first tokens that ``decode`` drops
 
     def _prime(self, first: int) -> list[int]:
         """The prompt tokens to decode before the answer: none unless its first token carries a SentencePiece
@@ -84,26 +88,54 @@ class Detokenizer:
             decode(ids[a:b], skip_special_tokens=self.skip, clean_up_tokenization_spaces=False) for a, b in pieces
         )
 
-    def _grown(self, ids: list[int], start: int) -> str:
-        """``_decode(ids, start)`` in time linear in the new tokens, not in the whole answer (decoded whole at each
-        token, a long answer's text cost O(n^2)): where ``ids`` extends the ids decoded last, the new text is that of
-        the last ``_WINDOW`` tokens and the new ones, less that of those tokens alone (vLLM's incremental
-        detokenisation, decoders being local); decoded whole where that cannot be read off (the window's text ends
-        inside a character or is no prefix, added tokens joined without spaces)."""
-        last, text = self._last or ([], "")
-        a = len(last)
-        if a > _WINDOW and not self.joined and len(ids) >= a and ids[:a] == last:
-            window, decode = ids[a - _WINDOW :], self.tokenizer.decode
-            head = decode(window[:_WINDOW], skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
-            tail = decode(window, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
-            if head and not head.endswith("\ufffd") and tail.startswith(head):
-                text += tail[len(head) :]
-            else:
-                text = self._decode(ids, start)
-        else:
-            text = self._decode(ids, start)
-        if not text.endswith("\ufffd"):  # the next step's window starts after a whole character
-            self._last = (list(ids), text)
+    def _drops(self, token: int) -> bool:
+        """Whether ``decode`` leaves ``token`` out before decoding (a special token under ``skip_special_tokens``,
+        which tokenizers and transformers both drop from the ids first): its text alone differs with the flag."""
+        if not self.skip or token not in self._skipped():
+            return False
+        if token not in self._dropped:
+            kept = self.tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            gone = self.tokenizer.decode([token], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            self._dropped[token] = bool(kept) and not gone
+        return self._dropped[token]
+
+    def _grown(self, output_ids: list[int], context: Sequence[int] = ()) -> str:
+        """``_decode(context + output_ids, len(context))`` in time linear in the new tokens, not in the whole answer
+        (decoded whole at each token, a long answer's text cost O(n^2)): where the ids extend those decoded last (as
+        long, the same last id), the new text is that of the last ``_WINDOW`` tokens with text and the new ones, less
+        that of those tokens alone (vLLM's incremental detokenisation, decoders being local; its prefix offset stays
+        at the last token that gave text, so a run of skipped special tokens, which ``decode`` drops first, costs
+        nothing); decoded whole where that cannot be read off (the window's text ends inside a character or is no
+        prefix, added tokens joined without spaces)."""
+        c, n = len(context), self._n
+        size = c + len(output_ids)
+        text = None
+        if n and not self.joined and size >= n and (context[n - 1] if n <= c else output_ids[n - 1 - c]) == self._id:
+            new = [t for t in (output_ids[n - c :] if n >= c else [*context[n:], *output_ids]) if not self._drops(t)]
+            window, decode, text = self._window, self.tokenizer.decode, self._text
+            if new and self._all:  # the window holds every token with text: the whole text
+                text = decode(window + new, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
+            elif new:
+                head = decode(window, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
+                tail = decode(window + new, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
+                text = (
+                    text + tail[len(head) :]
+                    if head and not head.endswith("\ufffd") and tail.startswith(head)
+                    else None
+                )
+            if text is not None and not text.endswith("\ufffd"):
+                self._window, self._all = (window + new)[-_WINDOW:], self._all and len(window) + len(new) <= _WINDOW
+        if text is None:
+            ids = [*context, *output_ids]
+            text = self._decode(ids, c)
+            if not text.endswith("\ufffd"):  # the last _WINDOW tokens with text, the run of dropped ones after
+                i, window = size, []
+                while i and len(window) < _WINDOW:
+                    i -= 1
+                    window[:0] = [] if self._drops(ids[i]) else [ids[i]]
+                self._window, self._all = window, not any(not self._drops(t) for t in ids[:i])
+        if size and not text.endswith("\ufffd"):  # the next step's window starts after a whole character
+            self._n, self._id, self._text = size, (output_ids or context)[-1], text
         return text
 
     def text(self, output_ids: list[int]) -> str:
@@ -114,13 +146,17 @@ class Detokenizer:
         if self.context is None:
             # The first token with text decides: a skipped special token before it adds none (vLLM's DecodeStream,
             # primed with the prompt, keeps the next word's space after a skipped <unk> or </s>).
+            while self._lead < len(output_ids) and self._drops(output_ids[self._lead]):
+                self._lead += 1
+            if self._lead == len(output_ids):  # nothing but tokens decode drops
+                return ""
             first = next((t for t in output_ids if t not in self._skipped()), None)
             if first is None:
                 return self._decode(output_ids)
             self.context = self._prime(first)
         if not self.context:
-            return self._grown(output_ids, 0)
-        whole = self._grown(self.context + output_ids, len(self.context))
+            return self._grown(output_ids)
+        whole = self._grown(output_ids, self.context)
         return whole[len(self.prefix) :] if whole.startswith(self.prefix) else self._decode(output_ids)
 
 
