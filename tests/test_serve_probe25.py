@@ -144,3 +144,61 @@ def test_a_run_of_skipped_eos_tokens_costs_no_decoding_as_text_stays_vllms(smol)
         counting = _Counting(smol)
         assert _steps(counting, prompt, answer) == _vllm_steps(smol, prompt, answer)
         assert counting.decoded < 20 * len(answer)
+
+
+def _row(**settings):
+    from deltatune.serve.engine import Request
+
+    return Request(adapter="base", max_tokens=8, emit=lambda *_: None, **{"prompt_ids": [0], **settings})
+
+
+def test_a_rows_penalties_follow_its_prompt_and_answer_when_they_are_replaced():
+    """The penalty state kept on the row (Request.penalties) was checked against the prompt's and the answer's
+    lengths alone: a row whose answer or prompt is another list of the same length kept the old one's counts
+    ([0, -2, 0, 0] where vLLM's apply_penalties gives [0, 0, -1, -1]). Now it follows the lists the row holds."""
+    import torch
+
+    from deltatune.serve.sampling import adjusted
+
+    r = _row(frequency_penalty=1.0, output_ids=[1, 1])
+    adjusted(torch.zeros(4), r)
+    r.output_ids = [2, 3]
+    want = _vllm_penalties(torch.zeros(4), [0], [2, 3], 1.0, 1.0, 0.0)
+    torch.testing.assert_close(adjusted(torch.zeros(4), r), want, rtol=0, atol=0)
+    r = _row(repetition_penalty=2.0, output_ids=[1])
+    adjusted(torch.ones(4), r)
+    r.prompt_ids = [3]
+    want = _vllm_penalties(torch.ones(4), [3], [1], 2.0, 0.0, 0.0)
+    torch.testing.assert_close(adjusted(torch.ones(4), r), want, rtol=0, atol=0)
+
+
+def test_a_repetition_penalty_works_on_the_rows_tokens_not_the_vocabulary(monkeypatch):
+    """A generation config's repetition_penalty (1.05) over a 152k vocabulary: each step took two nested torch.where
+    over the whole vocabulary (20 times the time before the penalties were kept on the row); now the penalty is
+    computed over the row's tokens alone, scattered back, and the logits stay vLLM's apply_penalties'."""
+    import torch
+
+    from deltatune.serve import sampling
+
+    touched = [0]
+
+    class _Torch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def where(cond, *args):
+            touched[0] += cond.numel()
+            return torch.where(cond, *args)
+
+    monkeypatch.setattr(sampling, "torch", _Torch())
+    g = torch.Generator().manual_seed(1)
+    prompt, answer = torch.randint(0, 151936, (50,), generator=g).tolist(), [7, 9, 7, 151935]
+    r = _row(prompt_ids=prompt, frequency_penalty=0.5)
+    gen = type("Gen", (), {"repetition_penalty": 1.05})()
+    for t in answer:
+        logits = torch.randn(151936, generator=g) * 4
+        want = _vllm_penalties(logits, prompt, r.output_ids, 1.05, 0.5 if r.output_ids else 0.0, 0.0)
+        torch.testing.assert_close(sampling.adjusted(logits, r, gen), want, rtol=0, atol=1e-6)
+        r.output_ids.append(t)
+    assert touched[0] <= len(answer) * (len(prompt) + len(answer))

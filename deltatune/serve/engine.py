@@ -18,10 +18,9 @@ next batch), since its adapter is the model's active one for the whole batch. On
 waiting, nothing more joins, so the running batch drains and that request is not starved.
 
 Per-row sampling keeps answers independent of the batch: each row's penalties and ``min_tokens`` count its own
-tokens; greedy rows take the argmax; sampled rows scale by their temperature, keep their top-k, top-p and min-p
-cut, and draw from their own ``torch.Generator`` seeded by the request's seed.
-Positions are ``cumsum(mask) - 1`` (the same as transformers' ``generate``), so a left-padded row sees the same
-positions as when served alone.
+tokens; greedy rows take the argmax; sampled rows scale by their temperature, keep their top-k, top-p and min-p cut,
+and draw from their own ``torch.Generator`` seeded by the request's seed. Positions are ``cumsum(mask) - 1`` (the same
+as transformers' ``generate``), so a left-padded row sees the same positions as when served alone.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ from .kvcache import _joinable, _merge, _trim
 from .logprob_names import logprob_row as _logprob_row
 from .logprob_names import logprobs_json as logprobs_json  # noqa: F401 (served from here before)
 from .logprob_names import prompt_row
-from .sampling import _generator, _pick, default_temperature
+from .sampling import Penalties, _generator, _pick, default_temperature
 
 BASE = "base"
 """The model name under which the plain base model is served."""
@@ -116,6 +115,7 @@ class Request:
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM's: the stop string or stop token id that ended it (None: EOS, length)
     detok: Detokenizer | None = None
+    penalties: Penalties | None = None  # the row's tokens so far for its penalties (sampling.adjusted keeps it)
     prompt_rows: list[dict[int, tuple[float, int]] | None] = field(default_factory=list)  # {token: (logprob, rank)}
     # (token, its log-probability (None: a prompt's first token), [(token, log-probability)] the most likely first)
     logprob_rows: list[tuple[int, float | None, list[tuple[int, float]]]] = field(default_factory=list)

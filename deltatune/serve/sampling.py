@@ -66,7 +66,8 @@ def adjusted(logits: torch.Tensor, r: Any, gen: Any = None, eos: Collection[int]
     added (OpenAI's), ``repetition_penalty`` over the prompt and the answer so far (transformers'
     RepetitionPenaltyLogitsProcessor, vLLM's: a positive logit divided by it, a negative one multiplied), then
     OpenAI's ``frequency_penalty`` times each token's count in the answer so far and ``presence_penalty`` once per
-    token in it subtracted (vLLM's: the prompt does not count)."""
+    token in it subtracted (vLLM's: the prompt does not count). The row's tokens for the penalties are kept on it
+    (``r.penalties``, a ``Penalties``): the one thing of its inputs it changes."""
     allowed = getattr(r, "allowed_token_ids", None)
     if allowed:  # vLLM's allowed_token_ids: every other token masked, first
         keep = torch.tensor(allowed, device=logits.device)
@@ -85,33 +86,60 @@ def adjusted(logits: torch.Tensor, r: Any, gen: Any = None, eos: Collection[int]
     penalty = _setting(r, gen, "repetition_penalty") or 1.0
     frequency, presence = getattr(r, "frequency_penalty", 0) or 0, getattr(r, "presence_penalty", 0) or 0
     if penalty != 1.0 or ((frequency or presence) and r.output_ids):
-        seen, counts = _counted(r, logits)
-        if penalty != 1.0:
-            logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
-        if frequency:  # two subtractions, as vLLM rounds them
-            logits = logits - counts * frequency
-        if presence:
-            logits = logits - (counts > 0).to(logits.dtype) * presence
+        state = getattr(r, "penalties", None)
+        if not (isinstance(state, Penalties) and state.fits(r, logits)):
+            state = r.penalties = Penalties(r, logits)
+        state.update(r.output_ids)
+        if penalty != 1.0:  # over the row's tokens alone (a full-vocabulary where cost 20 times as much)
+            score = logits[state.seen]
+            logits = logits.index_copy(0, state.seen, torch.where(score < 0, score * penalty, score / penalty))
+        if (frequency or presence) and r.output_ids:  # two subtractions, as vLLM rounds them
+            out = state.out
+            score = logits[out] - state.counts[out] * frequency if frequency else logits[out]
+            logits = logits.index_copy(0, out, score - presence if presence else score)
     return logits
 
 
-def _counted(r: Any, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The row's tokens so far over the vocabulary: (in the prompt or the answer (a mask), each one's count in the
-    answer), kept on the row and brought up to date with its new tokens alone (built again from the ids at each step,
-    a long row's penalties cost O(n) host work per token)."""
-    n, out = len(r.prompt_ids), len(r.output_ids)
-    state = getattr(r, "_penalty_counts", None)
-    if state is None or state[0] != n or state[1] > out or state[2].shape != logits.shape:
-        seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-        seen[torch.tensor(r.prompt_ids, dtype=torch.long, device=logits.device)] = True
-        state = [n, 0, seen, torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)]
-        r._penalty_counts = state
-    if state[1] < out:
-        new = torch.tensor(r.output_ids[state[1] :], dtype=torch.long, device=logits.device)
-        state[2][new] = True
-        state[3].index_add_(0, new, torch.ones(len(new), dtype=logits.dtype, device=logits.device))
-        state[1] = out
-    return state[2], state[3]
+class Penalties:
+    """A row's tokens so far, for its penalties (``Request.penalties``): ``seen``, the ids of the prompt and the
+    answer, ``out`` the answer's, each once (index tensors grown by the new ids alone), and ``counts`` each token's
+    count in the answer over the vocabulary; brought up to date with the answer's new tokens (built again from the
+    whole prompt and answer at each step, a long row's penalties cost O(n) host work per token). Built again where
+    the row's prompt or answer is another list or the answer got shorter."""
+
+    def __init__(self, r: Any, logits: torch.Tensor) -> None:
+        self.prompt, self.output, self.n, dev = r.prompt_ids, r.output_ids, 0, logits.device
+        self.known, self.out_known = set(r.prompt_ids), set()
+        self.seen = torch.tensor(list(self.known), dtype=torch.long, device=dev)
+        self.out = torch.zeros(0, dtype=torch.long, device=dev)
+        self.counts = torch.zeros(logits.shape, dtype=logits.dtype, device=dev)
+
+    def fits(self, r: Any, logits: torch.Tensor) -> bool:
+        counts = self.counts
+        same = r.prompt_ids is self.prompt and r.output_ids is self.output and len(r.output_ids) >= self.n
+        return same and (counts.shape, counts.dtype, counts.device) == (logits.shape, logits.dtype, logits.device)
+
+    def update(self, output_ids: list[int]) -> None:
+        if self.n >= len(output_ids):
+            return
+        fresh = output_ids[self.n :]
+        new = torch.tensor(fresh, dtype=torch.long, device=self.counts.device)
+        self.counts.index_add_(0, new, torch.ones(len(fresh), dtype=self.counts.dtype, device=new.device))
+        self.n = len(output_ids)
+        if not self.out_known.issuperset(fresh):
+            self.out_known.update(fresh)
+            self.out = torch.cat([self.out, _others(new, self.out)])
+        if not self.known.issuperset(fresh):
+            self.known.update(fresh)
+            self.seen = torch.cat([self.seen, _others(new, self.seen)])
+
+
+def _others(new: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``new``'s ids that ``kept`` lacks, each once (one new id: known to be new)."""
+    if len(new) == 1:
+        return new
+    new = new.unique()
+    return new[~torch.isin(new, kept)]
 
 
 def _ends_with(ids: list[int], tail: list[int]) -> bool:
