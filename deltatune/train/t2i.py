@@ -91,6 +91,7 @@ class T2IProcessor:
         self.load_text_encoder_lora(path, fold=True)  # a base merged from a run that trained its text encoder
         transformer = self.denoiser_class != "UNet2DConditionModel"
         self.scheduler = _scheduler(path, pipeline, transformer)
+        self._before = functools.partial(_scheduler, path, pipeline, transformer, before=True)  # (keep_ddpm)
         self.flow = isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler)
         self.pooled = transformer  # an SD3 transformer also reads a pooled text embedding
         self.pipeline = pipeline or bool(recorded.get("padded_context"))  # (a base merged from a pipeline's run too)
@@ -208,8 +209,15 @@ class T2IProcessor:
     def use_run_scheduler(self, folder: str) -> None:
         """The ``prediction_type`` a run in ``folder`` (or a checkpoint of it) trained with (``t2i_noise.
         run_prediction_type``: ``train.prediction_type``) on this processor's scheduler, so it draws as it trained."""
-        if not self.flow and (kind := t2i_noise.run_prediction_type(folder)) in ("epsilon", "v_prediction"):
+        self.keep_ddpm(kind := t2i_noise.run_prediction_type(folder))
+        if not self.flow and kind in t2i_noise.PREDICTION_TYPES:
             self.scheduler.register_to_config(prediction_type=kind)
+
+    def keep_ddpm(self, kind: str | None) -> None:
+        """A run (or recipe) naming ``kind`` (train.prediction_type) on a base whose scheduler predicts
+        flow_prediction trained DDPM before session 60 (flow matching since): it keeps the DDPM scheduler, as then."""
+        if self.flow and kind in t2i_noise.PREDICTION_TYPES and (before := self._before()) is not None:
+            self.scheduler, self.flow = before, False
 
     def disable_adapter(self) -> contextlib.AbstractContextManager:
         """Within the block the text encoder computes without its LoRA (if it has one)."""
@@ -411,15 +419,17 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
     the Trainer the stage's loss.
 
     Raises:
-        ConfigError: a bad loss key (``t2i_noise.loss_options``), train.prediction_type or prior-preservation key
-            (``t2i_prior.prior_options``), a bad data.augment, interpolation or caption dropout, or
-            model.train_text_encoder without a LoRA method or under several processes.
+        ConfigError: a bad loss key (``t2i_noise.loss_options``), train.prediction_type (unset: a base scheduler
+            predicting another, ``t2i_noise.check_prediction_type``) or prior-preservation key (``t2i_prior.
+            prior_options``), a bad data.augment, interpolation or caption dropout, or model.train_text_encoder
+            without a LoRA method or under several processes.
         DataError: a row without an image or a caption (file:line), an unreadable image, a caption over
             data.max_length (or the text encoder's context) under data.truncation=refuse.
     """
     d = cfg.data
     if not d.train:
         raise DataError("data.train is not set: give a data file with an image column and a caption column")
+    processor.keep_ddpm(cfg.train.prediction_type)  # (a run begun before on a flow_prediction base: DDPM)
     options, prior = loss_options(cfg.train, processor.flow), prior_options(cfg)  # (t2i_prior: DreamBooth's)
     kind = t2i_noise.check_prediction_type(cfg.train, processor.flow, processor.scheduler)  # (before any drawing)
     ema, shown = ema_options(cfg.train), validation_options(cfg.train)  # (t2i_ema, t2i_validation)

@@ -57,16 +57,24 @@ def load_denoiser(path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Mod
         raise ConfigError(f"model {path!r}: its {name} does not load ({str(exc).splitlines()[0]})") from None
 
 
-def _scheduler(path: str, pipeline: bool, transformer: bool):
-    """The base's noise scheduler: flow matching when it names ``FlowMatchEulerDiscreteScheduler``, else DDPM with its
-    config; without one, flow matching for a transformer and DDPM for a UNet."""
+def _scheduler(path: str, pipeline: bool, transformer: bool, before: bool = False):
+    """The base's noise scheduler: flow matching when it names ``FlowMatchEulerDiscreteScheduler`` or predicts
+    ``flow_prediction`` (a UniPC or DPMSolver flow config: diffusers' SD3 and Sana scripts train flow matching with
+    ``FlowMatchEulerDiscreteScheduler.from_pretrained`` of it, which reads no ``flow_shift``), else DDPM with its
+    config; without one, flow matching for a transformer and DDPM for a UNet. ``before``: None unless the config
+    predicts ``flow_prediction`` in another class, then the DDPM scheduler read before session 60 (a run that named
+    train.prediction_type on such a base trained DDPM with it, and keeps it: ``T2IProcessor.keep_ddpm``)."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     folder = os.path.join(path, "scheduler") if pipeline else path
     if not os.path.isfile(os.path.join(folder, "scheduler_config.json")):
-        return FlowMatchEulerDiscreteScheduler() if transformer else DDPMScheduler()
-    flow = DDPMScheduler.load_config(folder).get("_class_name") == FlowMatchEulerDiscreteScheduler.__name__
-    return (FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler).from_pretrained(folder)
+        return None if before else FlowMatchEulerDiscreteScheduler() if transformer else DDPMScheduler()
+    config = DDPMScheduler.load_config(folder)
+    named = config.get("_class_name") == FlowMatchEulerDiscreteScheduler.__name__
+    predicts = config.get("prediction_type") == "flow_prediction" and not named
+    if before:
+        return DDPMScheduler.from_pretrained(folder) if predicts else None
+    return (FlowMatchEulerDiscreteScheduler if named or predicts else DDPMScheduler).from_pretrained(folder)
 
 
 def _context(tokenizer, config) -> int | None:

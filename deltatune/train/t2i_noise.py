@@ -109,8 +109,10 @@ def denoising_loss(
     t = torch.randint(0, steps, (x0.shape[0],), generator=generator, device=x0.device)
     pred = predict(model, scheduler.add_noise(x0, noised, t), t, inputs)
     kind = scheduler.config.prediction_type
-    if kind not in ("epsilon", "v_prediction"):
-        raise ConfigError(f"stage t2i: scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction)")
+    if kind not in PREDICTION_TYPES:
+        raise ConfigError(
+            f"stage t2i: scheduler prediction_type {kind!r} is not supported ({', '.join(PREDICTION_TYPES)})"
+        )
     target = noise if kind == "epsilon" else scheduler.get_velocity(x0, noise, t)
     error = (pred.float() - target.float()).pow(2)
     weights = min_snr_weights(scheduler, t, snr_gamma) if snr_gamma else None
@@ -243,13 +245,14 @@ def check_prediction_type(train, flow: bool, scheduler=None) -> str | None:
 
     Raises:
         ConfigError: a value other than epsilon or v_prediction, or any value on a flow-matching base; unset, a base
-            scheduler that predicts another (``sample``).
+            scheduler that predicts another (``sample``) or none (``null``).
     """
     kind = train.prediction_type
     base = None if scheduler is None or flow else scheduler.config.get("prediction_type")
-    if kind is None and base is not None and base not in PREDICTION_TYPES:
+    if kind is None and scheduler is not None and not flow and base not in PREDICTION_TYPES:
+        says = f"predicts {base!r}" if base is not None else "names no prediction_type (null)"
         raise ConfigError(
-            f"stage t2i: the base's scheduler predicts {base!r}; the DDPM loss trains {' or '.join(PREDICTION_TYPES)}: "
+            f"stage t2i: the base's scheduler {says}; the DDPM loss trains {' or '.join(PREDICTION_TYPES)}: "
             "set train.prediction_type"
         )
     if kind is None:
@@ -262,17 +265,6 @@ def check_prediction_type(train, flow: bool, scheduler=None) -> str | None:
     if kind not in PREDICTION_TYPES:
         raise ConfigError(f"train.prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {kind!r}")
     return kind
-
-
-def set_prediction_type(train, scheduler, flow: bool) -> None:
-    """``train.prediction_type`` (None: the base scheduler's) registered in the scheduler's config, as diffusers'
-    scripts ``register_to_config`` it: the loss's target follows, and the run's saved scheduler config names it.
-
-    Raises:
-        ConfigError: as ``check_prediction_type``.
-    """
-    if (kind := check_prediction_type(train, flow)) is not None:
-        scheduler.register_to_config(prediction_type=kind)
 
 
 def run_prediction_type(folder: str) -> str | None:
