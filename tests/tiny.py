@@ -360,3 +360,10 @@ def grpo_step_against_trl(model, tmp_path, monkeypatch, rewards: list[float], tr
     model.eval()
     logged = {k: v[-1] for k, v in trainer._metrics["eval"].items() if v}  # TRL's names, TRL's values
     return stats, logged, expected.item()
+
+
+def last_wins(args: list[str]) -> list[str]:
+    """``args`` with each ``key=value`` override given once, the last kept in its place: a key the CLI is given twice
+    with two values is said on stderr, which tests of one-line refusals count."""
+    keys = [a.split("=", 1)[0] if "=" in a and not a.startswith("-") else None for a in args]
+    return [a for i, (a, k) in enumerate(zip(args, keys)) if k is None or k not in keys[i + 1 :]]

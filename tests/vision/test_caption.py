@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import last_wins
 
 from deltatune.cli import main
 from deltatune.data import digits
@@ -35,11 +36,11 @@ def data(tmp_path_factory) -> Path:
 
 
 def _args(data: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return [
+    return last_wins([
         "train", str(ROOT / "recipes" / "digits-caption.yaml"), f"model.name_or_path={data / 'model'}",
         f"data.train={data / 'train.jsonl'}", f"data.eval={data / 'test.jsonl'}", f"output.dir={tmp_path / 'run'}",
         *FAST, *extra,
-    ]  # fmt: skip
+    ])  # fmt: skip
 
 
 def test_caption_recipe_runs_two_steps(data, tmp_path, capsys):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import last_wins
 from tiny_vlm import QUERY_TOKENS, save_vlm
 
 from deltatune.cli import main
@@ -65,11 +66,11 @@ def _cfg(data: Path, model: str, train: str, **fields):
 
 
 def _args(data: Path, tmp_path: Path, model: str, *extra: str) -> list[str]:
-    return [
+    return last_wins([
         "train", str(ROOT / "recipes" / "llava-caption-lora.yaml"), f"model.name_or_path={data / model}",
         f"data.train={data / 'captions.jsonl'}", f"data.eval={data / 'captions.jsonl'}", f"output.dir={tmp_path / 'run'}",
         *FAST, *extra,
-    ]  # fmt: skip
+    ])  # fmt: skip
 
 
 def _labelled(tok, ids: list[int], labels: list[int]) -> list[str]:
@@ -266,7 +267,7 @@ def test_bad_rows_are_one_line(data, tmp_path, capsys):
     for name, (row, words) in bad.items():
         path = data / f"bad-{name.replace(' ', '-')}.jsonl"
         _jsonl(path, [row])
-        assert main([*_args(data, tmp_path, "llava"), f"data.train={path}"]) != 0, name
+        assert main(_args(data, tmp_path, "llava", f"data.train={path}")) != 0, name
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{path.name}:1: " in err[0] and words in err[0], (name, err)
     # the text stages keep refusing such rows
