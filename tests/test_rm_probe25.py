@@ -169,3 +169,38 @@ def test_grpo_reward_columns_from_a_csv_typed_as_datasets_gives_them_to_trls_rew
     json_row = [r for r in read_rows(str(path))[:1]]
     json_row[0].source = "x.jsonl:1"  # (a row of another file: as it is)
     assert csv_typed(json_row) == [json_row[0].data]
+
+
+def test_csv_typed_bools_in_any_case_and_ints_past_int64_as_datasets_reads_them(tmp_path):
+    """Second review of d4025e5: csv_typed kept 'TrUe' / 'tRUE' as text (pandas reads true / false in any case:
+    datasets gives bools), and typed whole numbers past int64 as Python ints where datasets gives text (mixed signs,
+    or a missing value: the missing values stay text too); a column that fits uint64 stays ints."""
+    from deltatune.data.load import read_rows
+    from deltatune.data.tasks import csv_typed
+
+    path = tmp_path / "b.csv"
+    path.write_text("prompt,a,b,c,d,e,f\n"
+                    "p,TrUe,tRUE,9223372036854775808,9223372036854775808,9223372036854775808,42\n"
+                    "q,false,true,1,-1,NA,\n"
+                    "r,FALSE,TRUE,18446744073709551615,5,3,7\n")  # fmt: skip
+    ours, want = csv_typed(read_rows(str(path))), Dataset.from_csv(str(path)).to_list()
+    assert ours == want and [type(v) for v in ours[0].values()] == [type(v) for v in want[0].values()]
+    assert [r["a"] for r in ours] == [True, False, False] and ours[1]["e"] == "NA"
+
+
+def test_kto_label_word_and_number_stripped_alike_and_score_note_reads_csv_numbers():
+    """_label stripped a word with str.strip() ('\\xa0true' accepted) but a number with ASCII spaces only ('\\xa01'
+    refused); datasets reads both as text (TRL's torch.as_tensor refuses it): both refused now, ' true ' and ' 1 '
+    still read. cls's fraction note read a class with float(): '1_000' and '٣', which pandas reads as text, were
+    'fractions' (run_glue trains only a float column as a regression)."""
+    from deltatune.data.formats import _label
+    from deltatune.data.load import DataError, Row
+    from deltatune.train.cls import _score_note
+
+    assert [_label(Row({"label": t}, "k.csv:2"), "label") for t in (" true ", "\tFalse", " 1 ", "0.0")] == [
+        True, False, True, False]  # fmt: skip
+    for text in ("\xa0true", "\xa01"):
+        with pytest.raises(DataError, match=r"k.csv:2: column 'label' must be true or false"):
+            _label(Row({"label": text}, "k.csv:2"), "label")
+    assert _score_note(["1_000", "2", "abc"]) == [] and _score_note(["٣", "x"]) == []
+    assert _score_note(["0.5", "1", "2.25"])[0].startswith("2 of the 3 classes are fractions (0.5, 2.25)")

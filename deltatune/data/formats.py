@@ -423,8 +423,8 @@ NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", re.ASCII)
 def _label(row: Row, column: str) -> bool:
     value = row.get(column)
     if isinstance(value, str):  # text (CSV): true / false, or 1 / 0 / 1.0 / 0.0, as datasets types them for TRL
-        word, s = value.strip().lower(), value.strip(" \t")
-        value = {"true": True, "false": False}.get(word, float(s) if NUMBER.fullmatch(s) else value)
+        s = value.strip(" \t")  # (word and number alike: '\xa0true' and '\xa01' are text, as in pandas)
+        value = {"true": True, "false": False}.get(s.lower(), float(s) if NUMBER.fullmatch(s) else value)
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and value in (0, 1):

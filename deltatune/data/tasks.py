@@ -163,13 +163,25 @@ _NA = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "
                  "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})  # fmt: skip
 """pandas' default missing values (its STR_NA_VALUES, and ''): datasets' CSV reader gives None for them."""
 _INF, _INT = re.compile(r"[-+]?inf(inity)?", re.IGNORECASE), re.compile(r"[-+]?\d+", re.ASCII)
-_BOOLS = frozenset(("True", "TRUE", "true", "False", "FALSE", "false"))
+
+
+def _whole(cells: list[str], missing: bool) -> bool | None:
+    """A column of whole numbers as pandas types it: ints (True) where each fits int64, or each uint64 and none is
+    missing; else text (None), its missing values too (datasets: text, or an ArrowInvalid past uint64). False: not
+    all whole (floats)."""
+    if not all(_INT.fullmatch(c.strip(" \t")) for c in cells):
+        return False
+    values = [int(c) for c in cells]
+    if all(-(2**63) <= v < 2**63 for v in values):
+        return not missing
+    return None if missing or not all(0 <= v < 2**64 for v in values) else True
 
 
 def csv_typed(rows: Sequence[Row]) -> list[dict[str, Any]]:
-    """Each row's columns as datasets' CSV builder (pandas' type inference, per column of each .csv / .tsv file)
-    gives them to TRL: a missing value (``_NA``) None; a column of whole numbers ints (none missing), of numbers
-    (or inf) floats, of True / False (true, TRUE ...) bools; else text. A row of another file as it is."""
+    """Each row's columns as datasets' CSV builder (pandas' type inference, per column of each .csv / .tsv file, of
+    the rows read: after data.limit and a row range) gives them to TRL: a missing value (``_NA``) None; a column of
+    whole numbers ints (none missing; past int64 text, unless each fits uint64), of numbers (or inf) floats, of true /
+    false in any case (TrUe) bools; else text. A row of another file as it is."""
     out = [dict(r.data) for r in rows]
     files: dict[str, list[dict[str, Any]]] = {}
     for r, data in zip(rows, out):
@@ -180,10 +192,13 @@ def csv_typed(rows: Sequence[Row]) -> list[dict[str, Any]]:
             cells = [d[col] for d in group if isinstance(d.get(col), str) and d[col] not in _NA]
             nums = {c: float(c) if _INF.fullmatch(c) else csv_number(c) for c in cells}
             if None not in nums.values():
-                whole = len(cells) == len(group) and all(_INT.fullmatch(c.strip(" \t")) for c in cells)
+                whole = _whole(cells, len(cells) < len(group))
+                if whole is None:
+                    continue  # (whole numbers past int64: the text as read, missing values too)
                 typed: dict[str, Any] = {c: int(c) if whole else v for c, v in nums.items()}
             else:
-                typed = {c: c.lower() == "true" if set(cells) <= _BOOLS else c for c in cells}
+                bools = all(c.lower() in ("true", "false") for c in cells)
+                typed = {c: c.lower() == "true" if bools else c for c in cells}
             for d in group:
                 if isinstance(d.get(col), str):
                     d[col] = typed.get(d[col])  # (a missing value: None)
@@ -207,10 +222,10 @@ def _check_label(row: Row, column: str, value: Any, stage: str = "cls") -> None:
     if isinstance(value, str):
         if not value.strip():  # a blank CSV cell: a class named "" would sort before every other
             raise DataError(f"{row.source}: label in column {column!r} is empty")
-        try:
-            number = float(value)
-        except ValueError:
+        number = csv_number(value)
+        if number is None and value.strip().lstrip("+-").lower() != "nan":  # (NaN text: refused below, as before)
             return  # a class name
+        number = math.nan if number is None else number
     if not isinstance(number, (bool, int, float, str)):  # a list (multi-label) or an object
         raise DataError(
             f"{row.source}: label in column {column!r} is a {type(value).__name__}; stage {stage} trains one "

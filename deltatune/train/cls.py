@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..data.load import DataError
-from ..data.tasks import Collator, class_id, class_names, encode_cls, label_list, label_map, split_off
+from ..data.tasks import Collator, class_id, class_names, csv_number, encode_cls, label_list, label_map, split_off
 from . import metrics as M
 from .config import RunConfig
 from .prepared import Prepared, _encode_splits, _logits, _rows
@@ -225,11 +225,8 @@ def _score_note(names: list[str]) -> list[str]:
     """The report's note for a label column of fractions (STS-B's 3.8): each distinct value is a class, where
     run_glue trains a float column as a regression (num_labels 1), which ``model.num_labels: 1`` asks for."""
 
-    def fraction(name: str) -> bool:
-        try:
-            return class_id(name) is None and float(name) == float(name)
-        except ValueError:
-            return False
+    def fraction(name: str) -> bool:  # (a number as a CSV reads one: '1_000' and '٣' are names)
+        return class_id(name) is None and csv_number(name) is not None
 
     seen = [n for n in names if fraction(n)]
     if not seen:
