@@ -87,22 +87,60 @@ def test_a_final_assistant_turn_goes_on(tok):
         )
 
 
+# A chat template that writes an assistant turn's text only where more follows (the final one left out)
+DROPS = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] != 'assistant' or not loop.last %}"
+    "{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+)
+
+
 def test_a_final_message_the_chat_template_leaves_out_is_refused_in_one_line(tok, monkeypatch):
     """A chat template that does not write the final assistant message (this one writes an assistant turn's text
     only where more follows): transformers' ValueError, many lines with the whole rendered chat, came through raw."""
     from deltatune.config import ConfigError
 
-    drops = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] != 'assistant' or not loop.last %}"
-        "{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
-    )
-    monkeypatch.setattr(tok, "chat_template", drops)
+    monkeypatch.setattr(tok, "chat_template", DROPS)
     prefill = [*CONV[:2], {"role": "assistant", "content": "Sure, "}]
     with pytest.raises(ValueError, match="continue_final_message"):
         _ids(tok, prefill, continue_final_message=True)  # (transformers refuses it too)
     with pytest.raises(ConfigError, match=r"^messages\[2\]: the chat template does not write") as err:
         prompt_ids(tok, prefill)
     assert "\n" not in str(err.value)
+
+
+def test_grpo_ppo_chat_and_serve_continue_a_prefill_alike_and_refuse_it_in_one_line(tok, monkeypatch):
+    """GRPO's, PPO's and chat's prompts for a final assistant message all equal transformers' continue_final_message
+    (under chatml and under the tokenizer's template); a chat template that leaves that message out is one line naming
+    the row (PPO, GRPO) or the message (serve), where transformers' ValueError, the whole rendered chat in it, came
+    through as it is (review 25 of 71d96f9: the one line was chat's alone, GRPO had a copy of PPO's rendering)."""
+    from deltatune.config import ConfigError
+    from deltatune.data.encode import prompt_ids as ppo_ids
+    from deltatune.data.sample import Sample
+    from deltatune.serve.engine import RequestError
+    from deltatune.serve.prompts import _chat_ids, _rendering
+    from deltatune.train.grpo import encode_prompts
+
+    prefill = [*CONV[:2], {"role": "assistant", "content": "Sure, "}]
+    ref = _ids(tok, prefill, continue_final_message=True)
+    for template in (None, "chatml"):
+        grpo = encode_prompts([Row({"prompt": prefill}, "t.jsonl:3")], tok, "prompt", 512, "keep_end", template)[0]
+        ppo = ppo_ids(Sample("t.jsonl:3", "prompt_only", prefill), tok, template, 512)
+        assert grpo[0].ids == ppo == prompt_ids(tok, prefill, template=template) == ref, template
+    monkeypatch.setattr(tok, "chat_template", DROPS)
+    one = r"^t\.jsonl:3: messages\[2\]: the chat template does not write this final assistant message"
+    for refused in (lambda: ppo_ids(Sample("t.jsonl:3", "prompt_only", prefill), tok, None, 512),
+                    lambda: encode_prompts([Row({"prompt": prefill}, "t.jsonl:3")], tok, "prompt", 512, "keep_end")):  # fmt: skip
+        with pytest.raises(ConfigError, match=one) as err:
+            refused()
+        assert "\n" not in str(err.value)
+    monkeypatch.setattr(tok, "chat_template", "{{ raise_exception('no') }}")  # (the row named once, not twice)
+    with pytest.raises(ValueError, match=r"^t\.jsonl:3: the model's chat template refuses this conversation: no$"):
+        ppo_ids(Sample("t.jsonl:3", "prompt_only", CONV[:2]), tok, None, 512)
+    monkeypatch.setattr(tok, "chat_template", DROPS)
+    go_on = {"add_generation_prompt": False, "continue_final_message": True}
+    with pytest.raises(RequestError, match=r"^messages\[2\]: the chat template does not write") as err:
+        _chat_ids(tok, prefill, None, _rendering({"messages": prefill, **go_on}, None))
+    assert "\n" not in str(err.value) and err.value.param == "continue_final_message"
 
 
 @pytest.fixture(scope="module")

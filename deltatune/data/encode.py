@@ -21,6 +21,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from ..config import ConfigError
 from .formats import read_samples
 from .load import DataError, Row
 from .preference import _no_eos_after, cut_lm, encode_lm, encode_scored, special_ends
@@ -46,7 +47,7 @@ def _named(fn: _F) -> _F:
         except (ChatTemplateError, RecursionError) as exc:  # (a row nested too deep for transformers' rendering)
             if not s.source or (why := refusal(exc, s)) is None:  # (deltatune's own recursion: raised as it is)
                 raise
-            raise DataError(f"{s.source}: {why}") from None
+            raise DataError(why if why.startswith(f"{s.source}: ") else f"{s.source}: {why}") from None  # (once)
 
     return wrapper  # type: ignore[return-value]
 
@@ -91,22 +92,18 @@ def choose_template(
         bad = next((s for s in samples if not _plain_pair(s)), None)
         if bad is None:
             return RAW
-        raise DataError(
-            f"{bad.source}: a conversational row needs a chat template, and the tokenizer has none; set data.template "
-            f"to one of {', '.join(TEMPLATES)}"
-        )
+        raise DataError(f"{bad.source}: a conversational row needs a chat template, and the tokenizer has none; set "
+                        f"data.template to one of {', '.join(TEMPLATES)}")  # fmt: skip
     tooled = next((s for s in samples if _uses_tools(s)), None)
     if tooled is not None:
         if template is not None:
-            raise DataError(
-                f"{tooled.source}: the row has tool calls or tools, and data.template={template} has no tool support; "
-                "leave data.template unset to use a tokenizer chat template that renders tools"
-            )
+            raise DataError(f"{tooled.source}: the row has tool calls or tools, and data.template={template} has no "
+                            "tool support; leave data.template unset to use a tokenizer chat template that renders "
+                            "tools")  # fmt: skip
         if getattr(tokenizer, "chat_template", None) and not has_tool_support(tokenizer):
-            raise DataError(
-                f"{tooled.source}: the row has tool calls or tools, and the tokenizer's chat template has no tool "
-                "support (it never reads 'tools' or 'tool_calls'); use a model whose template renders tools"
-            )
+            raise DataError(f"{tooled.source}: the row has tool calls or tools, and the tokenizer's chat template has "
+                            "no tool support (it never reads 'tools' or 'tool_calls'); use a model whose template "
+                            "renders tools")  # fmt: skip
     return template
 
 
@@ -144,9 +141,8 @@ def _sft(
         return ids, answers, answers
     every = answers
     if mask_history or any(m.get("weight") == 0 for m in conversation):  # every answer, trained or not
-        every = encode_chat(
-            _unweighted(conversation), tokenizer, template, s.tools, s.sft()[1], True, s.template_kwargs
-        )[1]
+        every = encode_chat(_unweighted(conversation), tokenizer, template, s.tools, s.sft()[1], True,
+                            s.template_kwargs)[1]  # fmt: skip
     return ids, [IGNORE_INDEX if a == IGNORE_INDEX != e else i for i, e, a in zip(ids, every, answers)], answers
 
 
@@ -279,9 +275,8 @@ def lm_example(
 ) -> tuple[dict[str, list[int]], bool]:
     """Causal-LM inputs of ``s``'s prompt followed by ``response`` (a chosen, rejected or KTO completion), labels
     -100 outside the response's assistant turns; whether the row was cut to ``max_length``."""
-    return encode_prompt_response(
-        s.messages, response, tokenizer, template, max_length, s.tools, s.template_kwargs, own_specials
-    )
+    return encode_prompt_response(s.messages, response, tokenizer, template, max_length, s.tools, s.template_kwargs,
+                                  own_specials)  # fmt: skip
 
 
 def encode_prompt_response(
@@ -328,22 +323,34 @@ def prompt_ids(s: Sample, tokenizer, template: str | None, max_length: int) -> l
         ids = tokenizer(as_written(s.messages[0]), add_special_tokens=False)["input_ids"]
         return head + ids[max(0, len(ids) - (max_length - len(head))) :]
     head = special_ends(tokenizer)[0] if _add_special(template) else []  # (not BERT's closing [SEP]: train.chat's)
-    text = prompt_text(s.messages, tokenizer, template, s.tools, s.template_kwargs)
+    text = prompt_text(s.messages, tokenizer, template, s.tools, s.template_kwargs, s.source)
     ids = head + tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids[max(0, len(ids) - max_length) :]
 
 
-def prompt_text(messages: list[Message], tokenizer, template: str | None, tools=None, kwargs=None) -> str:
-    """The prompt rendered for sampling (PPO's, chat's, serve's): through the generation prompt, or, where it ends with an
-    assistant turn (a prefill), continuing it, as TRL's ``maybe_apply_chat_template`` (``continue_final_message``)."""
-    n = len(messages)
-    if messages[-1]["role"] != "assistant":
-        return render(messages, tokenizer, template, True, tools, n, kwargs=kwargs)[0]
-    if template is None:
+def prompt_text(messages: list[Message], tokenizer, template: str | None, tools=None, kwargs=None, where="") -> str:
+    """The prompt rendered for sampling (PPO's, GRPO's, chat's, serve's): through the generation prompt, or, where it
+    ends with an assistant turn (a prefill), continuing it, as TRL's ``maybe_apply_chat_template``
+    (``continue_final_message``); ``where``, a row's file:line, names it in a refusal (``final_refusal``)."""
+    n, go_on = len(messages), messages[-1].get("role") == "assistant"
+    if template is None:  # (the stages check that the tokenizer has a chat template)
         kw = {**(kwargs or {}), **({"tools": tools} if tools else {})}
-        return apply_chat_template(tokenizer, messages, tokenize=False, continue_final_message=True, **kw)
-    head, _ = render(messages[:-1], tokenizer, template, True, tools, n, kwargs=kwargs)
-    return head + messages[-1]["content"]  # (a built-in template's generation prompt is its assistant prefix)
+        try:
+            return apply_chat_template(tokenizer, messages, where, tokenize=False, add_generation_prompt=not go_on,
+                                       continue_final_message=go_on, **kw)  # fmt: skip
+        except ValueError as exc:
+            raise final_refusal(exc, f"{where}: messages[{n - 1}]" if where else f"messages[{n - 1}]") from None
+    if not go_on:  # (else continued: a built-in template's generation prompt is its assistant prefix)
+        return render(messages, tokenizer, template, True, tools, n, kwargs=kwargs)[0]
+    return render(messages[:-1], tokenizer, template, True, tools, n, kwargs=kwargs)[0] + messages[-1]["content"]
+
+
+def final_refusal(exc: ValueError, where: str) -> ValueError:
+    """transformers' continue_final_message ValueError (the whole rendered chat in it) as one line after ``where``."""
+    if isinstance(exc, DataError) or "continue_final_message is set but the final message does not" not in str(exc):
+        return exc
+    return ConfigError(f"{where}: the chat template does not write this final assistant message as it is, so the "
+                       "answer cannot go on from it")  # fmt: skip
 
 
 # -- what the report and ``deltatune data inspect`` show ---------------------------------------------------
@@ -384,11 +391,8 @@ def rendered(
             edges = [0, *[x for span in every if span not in spans for x in span], len(text)]
             spans = [(a, b) for a, b in zip(edges[::2], edges[1::2]) if a < b]
         return [("conversation", text, spans)]
-    responses = (
-        [("chosen", s.chosen), ("rejected", s.rejected)]
-        if s.chosen is not None
-        else [("completion", s.completion or [])]
-    )
+    responses = ([("chosen", s.chosen), ("rejected", s.rejected)] if s.chosen is not None
+                 else [("completion", s.completion or [])])  # fmt: skip
     out = []
     for part, response in responses:
         if template == RAW:  # the text the model reads: the tokenizer's pair template (rm), or prompt + answer + EOS
@@ -451,12 +455,9 @@ def first_row_note(
     """The report note showing the first row of a split as rendered, trained spans between [[ and ]] (sft: with
     ``sft_example``'s options)."""
     how = {RAW: "no chat template (plain text)", None: "the tokenizer's chat template"}.get(
-        template, f"the built-in {template} template"
-    )
-    what = {
-        "rm": "the reward is read at the last token",
-        "ppo": "the policy samples its response after it",
-    }.get(stage, "trained tokens between [[ and ]]")
+        template, f"the built-in {template} template")  # fmt: skip
+    what = {"rm": "the reward is read at the last token", "ppo": "the policy samples its response after it"}.get(
+        stage, "trained tokens between [[ and ]]")  # fmt: skip
     lines = [f"first {split} row ({s.source}) as rendered with {how}; {what}:"]
     for part, text, spans in rendered(s, tokenizer, template, stage, mask_history, train_on_prompt):
         lines += ["", f"  {part}:", "", "  ```text", *["  " + line for line in mark(text, spans).split("\n")], "  ```"]

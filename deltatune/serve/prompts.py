@@ -206,8 +206,12 @@ def _chat_ids(
         raise RequestError(str(exc), param="messages") from None
     except RecursionError:  # (a body nested too deep for transformers' rendering, though JSON read it)
         raise RequestError("JSON nested too deep to render with the chat template", param="messages") from None
-    except ValueError as exc:  # continue_final_message without a final message to continue
-        raise RequestError(f"continue_final_message: {exc}", param="continue_final_message") from None
+    except ValueError as exc:  # continue_final_message without a final message to continue, or one left out
+        from ..data.encode import final_refusal
+
+        why = final_refusal(exc, f"messages[{len(clean) - 1}]")  # (transformers' many lines: one)
+        raise RequestError(str(why) if why is not exc else f"continue_final_message: {exc}",
+                           param="continue_final_message") from None  # fmt: skip
     if not _is_utf8(text):  # else a 500; named by the field whose surrogates the template rendered (not messages)
         key = next((k for k in fields if _rendered_from(render, fields, k, text)), None)
         _utf8(text, key or "the rendered chat (a tool call's arguments)", key or "messages")

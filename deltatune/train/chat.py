@@ -114,10 +114,9 @@ def prompt_ids(
     try:
         ids = apply_chat_template(tok, messages, add_generation_prompt=not go_on, continue_final_message=go_on, **more)
     except ValueError as exc:  # transformers' many lines (with the whole rendered chat): one, naming the message
-        if not go_on or "continue_final_message" not in str(exc):
-            raise
-        raise ConfigError(f"messages[{len(messages) - 1}]: the chat template does not write this final assistant "
-                          "message as it is, so the answer cannot go on from it") from None  # fmt: skip
+        from ..data.encode import final_refusal
+
+        raise (final_refusal(exc, f"messages[{len(messages) - 1}]") if go_on else exc) from None
     return list(ids["input_ids"])
 
 

@@ -52,11 +52,12 @@ from torch import nn
 from transformers import TrainerState
 
 from ..config import ConfigError
+from ..data.encode import prompt_text
 from ..data.load import DataError, Row
 from ..data.preference import bos_prefix, special_ends
 from ..data.sample import AUDIO_MARKER
 from ..data.tasks import Collator, csv_typed
-from ..data.templates import apply_chat_template, check_markers, render, too_long
+from ..data.templates import check_markers, too_long
 from .checks import check_rollout_context, resolved_precision
 from .config import AlignArgs, RunConfig
 from .config_align import grpo_loss_norm, grpo_policy, validate_grpo
@@ -353,19 +354,15 @@ def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int
                             f"chat template; column {prompt_column!r} holds chat messages, which need one (leave "
                             "data.template unset, or name a built-in one)")  # fmt: skip
         _refuse_media(row, prompt if chat else [{"role": "user", "content": prompt}], prompt_column)
-        prefill = chat and prompt[-1].get("role") == "assistant"  # continued, as TRL's maybe_apply_chat_template
-        if template is not None:  # a built-in template writes no BOS: the tokenizer adds it
-            messages = prompt if chat else [{"role": "user", "content": prompt}]
-            text = render(messages[: len(messages) - prefill], tok, template, True, train_from=len(messages))[0]
-            text = text + messages[-1]["content"] if prefill else text  # (as encode.prompt_text)
-            ids = special_ends(tok)[0] + tok(text, add_special_tokens=False)["input_ids"]  # (no closing [SEP])
-        elif chat:
-            if not getattr(tok, "chat_template", None):
-                raise DataError(f"{row.source}: {prompt_column!r} holds chat messages but the tokenizer has no chat "
-                                "template; give the prompt as text")  # fmt: skip
-            text = apply_chat_template(tok, prompt, row.source, add_generation_prompt=not prefill,
-                                       continue_final_message=prefill, tokenize=False)  # fmt: skip
-            ids = tok(text, add_special_tokens=False)["input_ids"]
+        if chat and template is None and not getattr(tok, "chat_template", None):
+            raise DataError(f"{row.source}: {prompt_column!r} holds chat messages but the tokenizer has no chat "
+                            "template; give the prompt as text")  # fmt: skip
+        if template is not None or chat:  # a final assistant turn continued, as TRL's maybe_apply_chat_template
+            text = prompt_text(
+                prompt if chat else [{"role": "user", "content": prompt}], tok, template, where=row.source
+            )
+            lead = special_ends(tok)[0] if template is not None else []  # (a built-in template writes no BOS)
+            ids = lead + tok(text, add_special_tokens=False)["input_ids"]  # (no closing [SEP])
         else:
             ids = head + tok(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) > max_length:
