@@ -308,16 +308,17 @@ def check_args(args: argparse.Namespace) -> None:
     for item in [item for item in getattr(args, "overrides", None) or () if "=" in item]:
         given.setdefault(item.split("=", 1)[0].strip(), []).append(item)
     for key, items in given.items():
-        if any(_value(item) != _value(items[0]) for item in items[1:]):  # (1e-3 and 0.001 are one value)
+        if any(_value(item) != _value(items[0]) for item in items[1:]):  # (1e-3 and 0.001 one value; 1, 1.0, true not)
             times, said = "twice" if len(items) == 2 else f"{len(items)} times", "', then '".join(items)
             print(f"deltatune: override {key!r} is given {times} ('{said}'): the last is used", file=sys.stderr)
 
 
-def _value(item: str):
-    """An override's value as the recipe reads it (``train.config._coerce``)."""
+def _value(item: str) -> str:
+    """An override's value as the recipe reads it (``train.config._coerce``), as its repr: typed, so that ``1``,
+    ``1.0`` and ``true`` are three values (Python's == makes them one) and ``.nan`` equals itself."""
     from .train.config import _coerce
 
-    return _coerce(item.split("=", 1)[1])
+    return repr(_coerce(item.split("=", 1)[1]))
 
 
 def _version() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 
@@ -138,9 +139,11 @@ def merged_chat_template(adapter: str, tok) -> str | None:
     """The jinja chat template ``merge`` saves with the run's tokenizer: the run's built-in ``data.template``
     (``chat_template_jinja``), as LLaMA-Factory's export writes its template's, opened by the special tokens the
     tokenizer put before each row it trained on (Llama's BOS, BERT's [CLS]: ``encode_chat`` tokenizes a built-in
-    template's text with them). None (the tokenizer's own kept): no built-in template, a stage that reads none, or a
-    processor (a vision-language run: no ``eos_token``)."""
+    template's text with them), written so that the ids are the run's (``"<s> "`` for a Metaspace "first" tokenizer).
+    None (the tokenizer's own kept): no built-in template, a stage that reads none, a processor (a vision-language
+    run: no ``eos_token``), or leading tokens no text before the template gives (said on stderr)."""
     from .data.preference import special_ends
+    from .data.templates import render
     from .train.runs import read_recipe, run_template
 
     template = run_template(adapter)
@@ -148,8 +151,27 @@ def merged_chat_template(adapter: str, tok) -> str | None:
         return None
     if read_recipe(adapter).get("stage", "sft") not in TEMPLATE_STAGES:
         return None
-    head = special_ends(tok)[0]  # (a closing one, BERT's [SEP], ends no prompt: no template can write it)
-    return chat_template_jinja(template, tok.eos_token, "".join(tok.convert_ids_to_tokens(head)))
+    head, tail = special_ends(tok)  # (a closing one, BERT's [SEP], ends no prompt: no template can write it)
+    bos = "".join(tok.convert_ids_to_tokens(head))
+    # The text that opens the template: the one whose ids, with the sample's, are those the run trained on. A
+    # Metaspace "first" tokenizer (Llama-2's and Mistral's in transformers 5, unless legacy) marks a word with its "▁"
+    # only at offset 0: trained "<s>", "▁Below", where "<s>Below" reads "<s>", "B", "elow"; "<s> " opens its template,
+    # "<s>" a legacy one's (which "<s> " gives "▁▁Below").
+    samples = [render(m, tok, template, add_generation_prompt=m[-1]["role"] != "assistant")[0] for m in _PROBES]
+    for text in dict.fromkeys((bos, bos + " ") if bos else ("",)):
+        if all(tok(text + t, add_special_tokens=False)["input_ids"] == tok(t)["input_ids"][: -len(tail) or None]
+               for t in samples):  # fmt: skip
+            return chat_template_jinja(template, tok.eos_token, text)
+    print(f"deltatune merge: no text before data.template={template}'s gives the ids the run trained with (this "
+          f"tokenizer adds {bos!r}); the base tokenizer's chat template is kept", file=sys.stderr)  # fmt: skip
+    return None
+
+
+_PROBES = [
+    [{"role": "user", "content": "Hi there, how are you?"}, {"role": "assistant", "content": "Fine, thanks."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+]
+"""The conversations ``merged_chat_template`` tokenizes to find the text that opens the template."""
 
 
 def chat_template_jinja(template: str, eos: str | None, bos: str = "") -> str | None:
@@ -177,6 +199,7 @@ def chat_template_jinja(template: str, eos: str | None, bos: str = "") -> str | 
     tools = lit(f"data.template={template} has no tool support (tool calls need a chat template that renders them)")
     role = lit(f"data.template={template} renders system, user and assistant turns, not ")
     parts = lit(f"data.template={template} renders text, not a list of parts (a vision-language chat template's)")
+    none = lit(f"data.template={template} renders text, not None")
     return (
         f"{{{{ {lit(bos)} }}}}"
         "{%- if not (messages and messages[0]['role'] == 'system' and messages[0]['content']) %}"
@@ -185,6 +208,7 @@ def chat_template_jinja(template: str, eos: str | None, bos: str = "") -> str | 
         f"{{{{ raise_exception({tools}) }}}}"
         "{%- elif m['role'] not in ('system', 'user', 'assistant') %}"
         f"{{{{ raise_exception({role} + m['role']) }}}}"
+        f"{{%- elif m['content'] is none or m['content'] is undefined %}}{{{{ raise_exception({none}) }}}}"
         f"{{%- elif m['content'] is not string %}}{{{{ raise_exception({parts}) }}}}"
         "{%- elif m['role'] == 'assistant' %}"
         f"{{{{ {a0} + m['content'] + {a1} }}}}"

@@ -178,3 +178,87 @@ def test_merge_sweeps_a_killed_merges_staging_folder(merged):
     """A merge killed mid-write left ``.out.staging-<pid>`` beside --out for good (its finally never ran); the next
     merge into that folder removes those of processes that are gone."""
     assert not [e for e in os.listdir(merged) if ".staging-" in e]
+
+
+def _metaspace_tokenizer(scheme: str, bos: str = "<s>"):
+    """A Llama-2 / Mistral-class BPE tokenizer with a BOS: ``legacy`` (their tokenizer.json: Prepend("▁") and
+    Replace as normalizer) or ``first`` (Metaspace(prepend_scheme="first"), as transformers 5's LlamaTokenizer
+    rebuilds it unless tokenizer_config says legacy)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    if scheme == "first":
+        t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    else:
+        t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    corpus = [
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+        "### Instruction: hi there ### Response: yo again. Be brief.",
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    ] * 20
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    t.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, t.token_to_id(bos))]
+    )
+    t.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_the_template_head_gives_the_trained_ids_for_metaspace_tokenizers(tmp_path, capsys):
+    """Llama-2 / Mistral-class tokenizers: under transformers 5's Metaspace "first" the word after a literal "<s>"
+    lost its "▁" (trained "<s>", "▁Below"; apply_chat_template gave "<s>", "B", "elow"): the head is now the text
+    whose ids are the run's ("<s> " there, "<s>" for a legacy one), checked against encode_chat and, for a prompt,
+    tokenizer(text) as vLLM's and training's. A head no text gives keeps the base's template, said in one line."""
+    run = tmp_path / "run"
+    os.makedirs(run)
+    for scheme in ("first", "legacy"):
+        tok = _metaspace_tokenizer(scheme)
+        for template in ("alpaca", "chatml"):
+            write_run_file(str(run), {"stage": "sft", "data": {"template": template}})
+            tok.chat_template = info.merged_chat_template(str(run), tok)
+            for messages in CONVERSATIONS[:2]:
+                got = tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+                assert list(got) == encode_chat(messages, tok, template)[0], (scheme, template)
+            prompt = render(CONVERSATIONS[1], tok, template, add_generation_prompt=True)[0]
+            got = tok.apply_chat_template(CONVERSATIONS[1], add_generation_prompt=True, return_dict=True)
+            assert list(got["input_ids"]) == tok(prompt)["input_ids"]
+    tok = _metaspace_tokenizer("first", bos="#")  # a leading token that is no special one: no text gives it
+    tok.chat_template = base = "{{ 'base' }}"
+    write_run_file(str(run), {"stage": "sft", "data": {"template": "alpaca"}})
+    assert info.merged_chat_template(str(run), tok) is None
+    assert "the base tokenizer's chat template is kept" in capsys.readouterr().err
+    assert tok.chat_template == base
+
+
+def test_sweep_staging_skips_a_parent_it_cannot_list(tmp_path, monkeypatch):
+    """A drop folder (mode 0733: written and renamed into without read permission) stopped merge with a
+    PermissionError traceback before it merged, since the sweep listed the parent unguarded; now nothing is swept."""
+    from deltatune.train.staging import sweep_staging
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "listdir", refuse)  # (root reads a 0333 folder: the refusal made by hand)
+    sweep_staging(str(tmp_path / "out"))
+
+
+def test_the_override_line_tells_typed_values_apart(capsys):
+    """1, 1.0 and true are three values to the recipe (int, float, bool), as are false and 0, but Python's == made
+    them one and nothing was said; .nan twice is one value (nan != nan said "given twice")."""
+    for first, second in (("train.epochs=1", "train.epochs=true"), ("data.packing=false", "data.packing=0")):
+        assert main(["train", "no-such-recipe.yaml", first, second]) == 2
+        assert f"is given twice ('{first}', then '{second}')" in capsys.readouterr().err
+    assert main(["train", "no-such-recipe.yaml", "train.lr=.nan", "train.lr=.nan"]) == 2
+    assert "given" not in capsys.readouterr().err
+
+
+def test_the_template_jinja_names_none_content():
+    """An assistant turn whose content is None: render says "not NoneType"; the jinja said "a list of parts"."""
+    tok = smollm2_tokenizer()
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]
+    with pytest.raises(ChatTemplateError, match="renders text, not NoneType"):
+        render(messages, tok, "chatml")
+    tok.chat_template = info.chat_template_jinja("chatml", tok.eos_token)
+    with pytest.raises(TemplateError, match="renders text, not None$"):
+        tok.apply_chat_template(messages, tokenize=False)

@@ -72,11 +72,13 @@ def staging_folder(out: str, overwrite: bool) -> Iterator[str]:
 def sweep_staging(out: str) -> None:
     """Remove the staging folders (``staging_folder``'s ``.<out>.staging-<pid>``) that commands killed mid-write
     left beside ``out``: those whose process is gone from this host's /proc (none where there is no /proc). A write
-    into the same ``out`` from another host or pid namespace is not seen as alive (merge takes no lock)."""
+    into the same ``out`` from another host or pid namespace is not seen as alive (merge takes no lock). A parent that
+    cannot be listed (a drop folder, mode 0733: writing into it needs no read permission) is swept of nothing."""
     parent, prefix = os.path.split(_sibling(out, "staging-"))
-    if not os.path.isdir("/proc/self") or not os.path.isdir(parent):
-        return
-    for name in os.listdir(parent):
+    names: list[str] = []
+    with contextlib.suppress(OSError):  # (missing, not a folder, not readable)
+        names = os.listdir(parent) if os.path.isdir("/proc/self") else []
+    for name in names:
         pid = name.removeprefix(prefix)
         if name.startswith(prefix) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
