@@ -177,3 +177,85 @@ def test_an_arrow_stream_cut_short_is_named_so(tmp_path):
     (tmp_path / "cut.arrow").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(DataError, match=r"cut.arrow: not a readable Arrow file \(Expected to be able to read"):
         read_rows(str(tmp_path / "cut.arrow"))
+
+
+def _saved_images(path, datasets, shards=3):
+    """A save_to_disk folder of 7 tiny PNG images (datasets' Image feature: bytes) and a ClassLabel column."""
+    import io
+
+    from PIL import Image
+
+    pngs = []
+    for i in range(7):
+        buf = io.BytesIO()
+        Image.new("RGB", (2, 2), (i * 30, 0, 0)).save(buf, format="PNG")
+        pngs.append({"bytes": buf.getvalue(), "path": None})
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog", "fox"])}
+    )
+    ds = datasets.Dataset.from_dict({"image": pngs, "label": [i % 3 for i in range(7)]}, features=features)
+    ds.save_to_disk(str(path), num_shards=shards)
+    return datasets.load_from_disk(str(path)).cast_column("image", datasets.Image(decode=False))
+
+
+def test_image_rows_of_a_save_to_disk_folder_are_load_from_disks(tmp_path):
+    """A save_to_disk folder of images was read as an image folder: "has no class sub-folders", and
+    class_label_names gave None (its first shard alone named the classes); it reads load_from_disk's rows."""
+    datasets = pytest.importorskip("datasets")
+    from deltatune.data.images import class_label_names, read_image_rows
+
+    ref = _saved_images(tmp_path / "saved", datasets)
+    rows = read_image_rows(str(tmp_path / "saved"))
+    assert [(r.data, r.label) for r in rows] == [(x["image"]["bytes"], x["label"]) for x in ref]
+    assert class_label_names(str(tmp_path / "saved"), "label") == ref.features["label"].names
+
+
+def test_a_save_to_disk_folder_missing_a_shard_or_its_info_is_refused_naming_it(tmp_path):
+    """A shard its state.json lists, missing: read_rows said "data file '.../data-00001-of-00003.arrow' does not
+    exist" and run_facts (train) a raw "[Errno 2] No such file"; without dataset_info.json it was read.
+    load_from_disk refuses both."""
+    datasets = pytest.importorskip("datasets")
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": [f"r{i}" for i in range(7)]}).save_to_disk(str(saved), num_shards=3)
+    (saved / "data-00001-of-00003.arrow").unlink()
+    with pytest.raises(FileNotFoundError):
+        datasets.load_from_disk(str(saved))
+    for read in (read_rows, _facts):
+        with pytest.raises(DataError, match=r"state.json lists data-00001-of-00003.arrow, which is missing"):
+            read(str(saved))
+    datasets.Dataset.from_dict({"text": ["a"]}).save_to_disk(str(tmp_path / "s2"))
+    (tmp_path / "s2" / "dataset_info.json").unlink()
+    with pytest.raises(FileNotFoundError):
+        datasets.load_from_disk(str(tmp_path / "s2"))
+    with pytest.raises(DataError, match=r"no dataset_info.json"):
+        read_rows(str(tmp_path / "s2"))
+
+
+def test_a_dataset_dict_refusal_names_its_splits(tmp_path):
+    """A DatasetDict with a 'validation' split alone was told to name dd/train, which does not exist."""
+    datasets = pytest.importorskip("datasets")
+    dd = datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"text": ["a"]})})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    assert list(datasets.load_from_disk(str(tmp_path / "dd"))) == ["validation"]
+    with pytest.raises(DataError, match=r"its splits: validation\).*dd/validation\)"):
+        read_rows(str(tmp_path / "dd"))
+
+
+def test_arrow_files_left_out_beside_other_data_files_are_named(tmp_path):
+    """.arrow shards beside a README.txt were left out without a word (the README read as the one row); the rows
+    read stay as they were (old fingerprints), a warning names what was left out."""
+    pa = pytest.importorskip("pyarrow")
+    for i in range(3):
+        with pa.ipc.new_stream(
+            str(tmp_path / f"data-0000{i}-of-00003.arrow"), pa.schema([("text", pa.string())])
+        ) as w:
+            w.write_table(pa.table({"text": [f"r{i}"]}))
+    (tmp_path / "README.txt").write_text("about this data\n")
+    with pytest.warns(UserWarning, match=r"left out 3 .arrow files \(data-00000-of-00003.arrow, .*\) beside README"):
+        rows = read_rows(str(tmp_path))
+    assert [r.data for r in rows] == [r.data for r in read_rows(str(tmp_path / "README.txt"))]  # (as before)
+
+
+def test_the_file_pattern_message_names_state_json_order(tmp_path):
+    with pytest.raises(DataError, match=r"name order, a save_to_disk folder's shards in its state.json's order"):
+        read_rows(str(tmp_path / "*.jsonl"))

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .load import DataError, arrow_reader, data_path, read_rows
+from .load import DataError, arrow_reader, data_path, read_rows, saved_shards
 
 IMAGE_EXTENSIONS = (
     ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif", ".jpe", ".pbm", ".pnm",
@@ -107,7 +107,8 @@ def read_image_rows(
     """Read the image examples of an image folder or a data file.
 
     Args:
-        spec: a folder of class sub-folders, or a .jsonl/.json/.csv/.tsv file with an image path column.
+        spec: a folder of class sub-folders, a .jsonl/.json/.csv/.tsv/.parquet/.arrow file with an image column, or
+            a ``Dataset.save_to_disk`` folder (read as ``load_from_disk`` reads it, its shards' rows).
         image_column: the column holding the image path (data files).
         label_column: the column holding the label (data files); None: no label (image-to-text).
         limit: read at most this many examples.
@@ -120,10 +121,10 @@ def read_image_rows(
         DataError: a missing source, a folder with no class sub-folders or no images, a row without an image path
             (file:line named), a path outside the data folder.
     """
-    if os.path.isdir(spec):
+    if image_folder(spec):
         return _folder(spec, limit, classes)
     rows = read_rows(spec, limit=limit)
-    root = os.path.dirname(os.path.abspath(spec))
+    root = os.path.abspath(spec) if os.path.isdir(spec) else os.path.dirname(os.path.abspath(spec))
     out = []
     for row in rows:
         value = row.get(image_column, required=False)
@@ -140,14 +141,26 @@ def read_image_rows(
     return out
 
 
+def image_folder(spec: str) -> bool:
+    """Whether ``spec`` is an image folder (class sub-folders): a folder, but not a ``save_to_disk`` folder, which is
+    read by its rows (``read_rows``). Raises DataError for a ``save_to_disk`` folder missing a shard."""
+    return os.path.isdir(spec) and saved_shards(spec) is None
+
+
 def class_label_names(spec: str, column: str | None) -> list[str] | None:
     """The class names datasets saved with a Parquet or Arrow file's label column: its ``ClassLabel`` feature in the
     schema's ``huggingface`` metadata, which ``Dataset.to_parquet`` and ``save_to_disk`` write and
     ``load_dataset("parquet")`` / ``load_dataset("arrow")`` read back (the features transformers'
     image-classification script takes label2id / id2label from). None for another source or column, or a file
     without them (``read_rows`` names an unreadable file). A row range (``d.parquet[:4]``) is read from its file. Each
-    row's value is an id of these names (``ClassLabel.int2str``), -1 datasets' no label."""
+    row's value is an id of these names (``ClassLabel.int2str``), -1 datasets' no label. A ``save_to_disk`` folder's
+    are its first shard's (save_to_disk writes the features in each shard's schema and its dataset_info.json)."""
     spec = data_path(spec)
+    try:
+        shards = saved_shards(spec) if os.path.isdir(spec) else None
+    except DataError:  # (read_rows names it)
+        return None
+    spec = shards[0] if shards else spec
     if not column or not spec.lower().endswith((".parquet", ".arrow")) or not os.path.isfile(spec):
         return None
     try:
@@ -565,6 +578,7 @@ __all__ = [
     "augment",
     "check",
     "class_label_names",
+    "image_folder",
     "image_value",
     "collate",
     "open_rgb",

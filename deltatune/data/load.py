@@ -101,7 +101,8 @@ def read_rows(spec: str, text_column: str = "text", limit: int | None = None) ->
     if any(c in spec for c in "*?") and not os.path.exists(spec):  # (no hub name holds one: not sent there)
         raise DataError(
             f"data path {spec!r} does not exist: deltatune reads no file pattern (*, ?) such as datasets' "
-            "data_files takes; name the folder (its data files are read in name order) or one file"
+            "data_files takes; name the folder (its data files are read in name order, a save_to_disk folder's shards "
+            "in its state.json's order) or one file"
         )
     if ext in EXTENSIONS:
         if not os.path.isfile(spec):
@@ -146,19 +147,25 @@ def folder_files(folder: str) -> list[str]:
     not hidden files, its .arrow files only where it holds no other (datasets' cache-*.arrow beside .jsonl files are
     left out, as they were before .arrow files were read, ea13f75: such a folder reads, and its run's fingerprint
     hashes, what they did)."""
-    saved = _saved_shards(folder)
+    return _listing(folder)[0]
+
+
+def _listing(folder: str) -> tuple[list[str], list[str]]:
+    """``folder_files`` and the .arrow files it left out beside the folder's other data files."""
+    saved = saved_shards(folder)
     if saved is not None:
-        return saved
+        return saved, []
     names = sorted(f for f in os.listdir(folder) if f.lower().endswith(EXTENSIONS) and not f.startswith("."))
     files = [os.path.join(folder, f) for f in names if os.path.isfile(os.path.join(folder, f))]
     others = [f for f in files if not f.lower().endswith(".arrow")]
-    return others or files
+    return (others, [f for f in files if f not in others]) if others else (files, [])
 
 
-def _saved_shards(folder: str) -> list[str] | None:
+def saved_shards(folder: str) -> list[str] | None:
     """The ``data-*.arrow`` shards ``Dataset.save_to_disk`` wrote to ``folder``, in the order its state.json's
     ``_data_files`` lists them; None for a folder without such a state.json (its state.json was read as a data
-    file)."""
+    file). Raises DataError where a listed shard or the dataset_info.json is missing (``load_from_disk`` refuses
+    both)."""
     try:
         with open(os.path.join(folder, "state.json"), encoding="utf-8") as fh:
             shards = json.load(fh)["_data_files"]
@@ -167,18 +174,46 @@ def _saved_shards(folder: str) -> list[str] | None:
         return None
     if not names or not all(isinstance(n, str) and n.lower().endswith(".arrow") for n in names):
         return None
+    if not os.path.isfile(os.path.join(folder, "dataset_info.json")):
+        raise DataError(
+            f"{folder}: its state.json lists save_to_disk shards but it has no dataset_info.json "
+            "(datasets.load_from_disk refuses it too); save it again with Dataset.save_to_disk"
+        )
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise DataError(
+            f"{folder}: its state.json lists {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+            "missing (a save_to_disk folder copied in part?)"
+        )
     return [os.path.join(folder, n) for n in names]
 
 
 def _folder(folder: str, text_column: str, limit: int | None) -> list[Row]:
-    """The rows of every data file in ``folder`` (not its sub-folders), in name order, each row naming its own file
+    """The rows of every data file in ``folder`` (not its sub-folders), in the order read, each row naming its own file
     and line: LLaMA-Factory's dataset_info.json ``file_name`` may name such a folder, its files all of one kind
     (.json and .jsonl together); a ``save_to_disk`` folder as ``load_from_disk`` reads it (``folder_files``)."""
-    files = [os.path.basename(f) for f in folder_files(folder)]
+    listed, left_out = _listing(folder)
+    files = [os.path.basename(f) for f in listed]
     if files == ["dataset_dict.json"]:  # (read as one row of its split names)
+        try:
+            with open(listed[0], encoding="utf-8") as fh:
+                splits = [str(s) for s in json.load(fh)["splits"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            splits = []
+        named = f" (its splits: {', '.join(splits)})" if splits else ""
+        split = splits[0] if splits else "train"
         raise DataError(
-            f"{folder}: a DatasetDict saved with save_to_disk (its dataset_dict.json); name one split's folder "
-            f"({os.path.join(folder, 'train')}), as datasets.load_from_disk(...)['train'] reads it"
+            f"{folder}: a DatasetDict saved with save_to_disk{named}; name one split's folder "
+            f"({os.path.join(folder, split)}), as datasets.load_from_disk(...)[{split!r}] reads it"
+        )
+    if left_out:
+        import warnings
+
+        warnings.warn(
+            f"{folder}: left out {len(left_out)} .arrow file{'s' if len(left_out) > 1 else ''} "
+            f"({', '.join(os.path.basename(f) for f in left_out)}) beside {', '.join(files)}: a folder's .arrow "
+            "files are read only where it holds no other data file; name one file, or move them apart",
+            stacklevel=3,
         )
     if not files:
         raise DataError(f"{folder} is a folder holding no data file ({', '.join(EXTENSIONS)}); give a data file")
