@@ -259,3 +259,23 @@ def test_arrow_files_left_out_beside_other_data_files_are_named(tmp_path):
 def test_the_file_pattern_message_names_state_json_order(tmp_path):
     with pytest.raises(DataError, match=r"name order, a save_to_disk folder's shards in its state.json's order"):
         read_rows(str(tmp_path / "*.jsonl"))
+
+
+def test_image_cls_names_a_save_to_disk_folders_classes_as_load_from_disk(tmp_path):
+    """The stage took a save_to_disk folder for an image folder of class sub-folders (its classes the ids '0', '1',
+    '2' once the rows read); its ClassLabel names are the classes, as load_from_disk's features give them."""
+    datasets = pytest.importorskip("datasets")
+    from transformers import ViTConfig
+
+    from deltatune.train.config import build
+    from deltatune.train.image_cls import prepare_image_cls
+
+    ref = _saved_images(tmp_path / "saved", datasets)
+    ViTConfig(image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
+        tmp_path / "vit"
+    )
+    cfg = build({"stage": "image_cls", "model": {"name_or_path": str(tmp_path / "vit")},
+                 "data": {"train": str(tmp_path / "saved")}})  # fmt: skip
+    p = prepare_image_cls(cfg, processor=None)
+    assert p.labels == ref.features["label"].names == ["cat", "dog", "fox"]
+    assert p.train.labels == ref["label"]

@@ -27,7 +27,16 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..data.images import AUGMENTATIONS, ImageDataset, ImageRow, check, class_label_names, collate, read_image_rows
+from ..data.images import (
+    AUGMENTATIONS,
+    ImageDataset,
+    ImageRow,
+    check,
+    class_label_names,
+    collate,
+    image_folder,
+    read_image_rows,
+)
 from ..data.load import DataError
 from ..data.tasks import class_names as class_names_of
 from ..data.tasks import class_of, label_map, split_off
@@ -291,21 +300,21 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
     read = functools.partial(read_image_rows, classes=d.labels)
     train_rows = read(d.train, d.image_column, d.label_column, d.limit, d.allow_outside)
     eval_rows = read(d.eval, d.image_column, d.label_column, d.limit, d.allow_outside) if d.eval else None
-    if not os.path.isdir(d.train):  # (a folder's classes are its sub-folders' names)
+    if not image_folder(d.train):  # (a folder's classes are its sub-folders' names)
         from .cls import check_bool_labels
 
         check_bool_labels([(r.source, r.label) for r in [*train_rows, *(eval_rows or [])]], d.label_column, d.labels)
     # a Parquet file saved by datasets names its ClassLabel column's classes (ids kept, absent ones too), as
     # load_dataset("parquet") reads them; data.labels, when set, names them instead; its values are ids only
-    stored = None if os.path.isdir(d.train) else class_label_names(d.train, d.label_column)
+    stored = None if image_folder(d.train) else class_label_names(d.train, d.label_column)
     old = bool(stored) and _begun_before_class_label(cfg)  # (its file read as that run trained: its values)
     stored = None if old else stored
     if stored:
         names = [str(x) for x in d.labels] if d.labels else stored
         mapping = _id_map(stored, names, d.train, d.label_column, rename=True)
     else:
-        names, mapping = class_names(train_rows, d.labels, os.path.isdir(d.train), d.label_column)
-    in_eval = class_label_names(d.eval, d.label_column) if stored and d.eval and not os.path.isdir(d.eval) else None
+        names, mapping = class_names(train_rows, d.labels, image_folder(d.train), d.label_column)
+    in_eval = class_label_names(d.eval, d.label_column) if stored and d.eval and not image_folder(d.eval) else None
     if not in_eval or in_eval == stored:
         eval_map = mapping
     elif set(stored or ()) & set(names):
@@ -314,7 +323,7 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
         by_name = _id_map(in_eval, stored, d.eval, d.label_column)  # type: ignore[arg-type]
         eval_map = {i: mapping[k] for i, k in by_name.items() if k in mapping}
     if len(names) < 2:
-        where = "sub-folder" if os.path.isdir(d.train) else "label"
+        where = "sub-folder" if image_folder(d.train) else "label"
         raise DataError(
             f"{d.train}: only one class ({names[0]!r}); image classification needs at least two "
             f"(one {where} per class)"
@@ -322,7 +331,7 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
     # data.val_size: a validation split off the train images, after the classes are read from all of them
     held = split_off(train_rows, d.val_size, cfg.train.seed, bool(d.eval))
     train_rows, eval_rows = held[0], eval_rows if held[1] is None else held[1]
-    folders = os.path.isdir(d.train), os.path.isdir(d.eval) if d.eval else os.path.isdir(d.train)
+    folders = image_folder(d.train), image_folder(d.eval) if d.eval else image_folder(d.train)
     ids_only = in_eval or stored
     if stored and d.eval and not in_eval:  # a ClassLabel train file's eval file without one: as data.labels reads it
         eval_map, ids_only = class_names(eval_rows, names, folders[1], d.label_column)[1], None  # type: ignore
