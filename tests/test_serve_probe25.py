@@ -202,3 +202,19 @@ def test_a_repetition_penalty_works_on_the_rows_tokens_not_the_vocabulary(monkey
         torch.testing.assert_close(sampling.adjusted(logits, r, gen), want, rtol=0, atol=1e-6)
         r.output_ids.append(t)
     assert touched[0] <= len(answer) * (len(prompt) + len(answer))
+
+
+def test_a_bf16_rows_frequency_penalty_counts_past_256_as_vllms():
+    """The counts were kept in the logits' dtype and grown one at a time: bf16 stopped at 256 (a token seen 300 times
+    penalised -256, vLLM's apply_penalties -300). Counted in float32, then cast as vLLM casts its counts."""
+    import torch
+
+    from deltatune.serve.sampling import adjusted
+
+    r = _row(frequency_penalty=1.0, output_ids=[])
+    for _ in range(300):
+        r.output_ids.append(1)
+        got = adjusted(torch.zeros(4, dtype=torch.bfloat16), r)
+    want = _vllm_penalties(torch.zeros(4, dtype=torch.bfloat16), [0], r.output_ids, 1.0, 1.0, 0.0)
+    torch.testing.assert_close(got, want.to(torch.bfloat16), rtol=0, atol=0)  # (its reference's factor is fp32)
+    assert got[1].item() == -300.0

@@ -95,7 +95,7 @@ def adjusted(logits: torch.Tensor, r: Any, gen: Any = None, eos: Collection[int]
             logits = logits.index_copy(0, state.seen, torch.where(score < 0, score * penalty, score / penalty))
         if (frequency or presence) and r.output_ids:  # two subtractions, as vLLM rounds them
             out = state.out
-            score = logits[out] - state.counts[out] * frequency if frequency else logits[out]
+            score = logits[out] - state.counts[out].to(logits.dtype) * frequency if frequency else logits[out]
             logits = logits.index_copy(0, out, score - presence if presence else score)
     return logits
 
@@ -105,21 +105,24 @@ class Penalties:
     answer, ``out`` the answer's, each once (index tensors grown by the new ids alone), and ``counts`` each token's
     count in the answer over the vocabulary; brought up to date with the answer's new tokens (built again from the
     whole prompt and answer at each step, a long row's penalties cost O(n) host work per token). Built again where
-    the row's prompt or answer is another list or the answer got shorter."""
+    the row's prompt or answer is another list or the answer got shorter (a list changed in place is not seen: the
+    engine only appends). The counts are float32 whatever the logits' dtype (bf16 counted no further than 256)."""
 
     def __init__(self, r: Any, logits: torch.Tensor) -> None:
         self.prompt, self.output, self.n, dev = r.prompt_ids, r.output_ids, 0, logits.device
         self.known, self.out_known = set(r.prompt_ids), set()
         self.seen = torch.tensor(list(self.known), dtype=torch.long, device=dev)
         self.out = torch.zeros(0, dtype=torch.long, device=dev)
-        self.counts = torch.zeros(logits.shape, dtype=logits.dtype, device=dev)
+        self.counts, self.dtype = torch.zeros(logits.shape, dtype=torch.float32, device=dev), logits.dtype
 
     def fits(self, r: Any, logits: torch.Tensor) -> bool:
+        """Whether this state is ``r``'s: its very lists, the answer not shorter, logits of the same shape and kind."""
         counts = self.counts
         same = r.prompt_ids is self.prompt and r.output_ids is self.output and len(r.output_ids) >= self.n
-        return same and (counts.shape, counts.dtype, counts.device) == (logits.shape, logits.dtype, logits.device)
+        return same and (counts.shape, self.dtype, counts.device) == (logits.shape, logits.dtype, logits.device)
 
     def update(self, output_ids: list[int]) -> None:
+        """Count the answer's ids past the last update (and add the new ones to ``seen`` / ``out``)."""
         if self.n >= len(output_ids):
             return
         fresh = output_ids[self.n :]
