@@ -140,7 +140,8 @@ class Detokenizer:
 
     def text(self, output_ids: list[int]) -> str:
         """The answer's text: decoded after the context, less the context's own text (the answer alone where the
-        context's text does not stay a prefix)."""
+        context's text does not stay a prefix). ``output_ids`` is one answer growing, as the engine appends to it: a
+        replaced answer is known by its length and last decoded id alone."""
         if not output_ids:
             return ""
         if self.context is None:
