@@ -194,10 +194,12 @@ class DeltaConfig:
 
 def named_adapters_hint(folder: str) -> str:
     """Where a folder with no adapter of its own keeps the named ones (peft saves any but "default" in a sub-folder
-    of its name), as the end of a message; "" when none."""
+    of its name), as the end of a message; "" when none. The first 8 named, then how many more (a runs folder of
+    130 was one line of 130 names)."""
     inside = sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, CONFIG_NAME))) if (
         os.path.isdir(folder)) else []  # fmt: skip
-    return f"; its sub-folders hold adapters: {', '.join(inside)} (load one by name)" if inside else ""
+    more = f" and {len(inside) - 8} more" if len(inside) > 8 else ""
+    return f"; its sub-folders hold adapters: {', '.join(inside[:8])}{more} (load one by name)" if inside else ""
 
 
 def read_config_file(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:

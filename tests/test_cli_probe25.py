@@ -262,3 +262,22 @@ def test_the_template_jinja_names_none_content():
     tok.chat_template = info.chat_template_jinja("chatml", tok.eos_token)
     with pytest.raises(TemplateError, match="renders text, not None$"):
         tok.apply_chat_template(messages, tokenize=False)
+
+
+def test_a_folder_of_many_adapters_names_eight_then_counts_the_rest(tmp_path):
+    """`merge --adapter runs/` on a folder of 130 runs listed all 130 names in its one line; now the first 8 (sorted),
+    then how many more. A folder of 8 or fewer lists them all."""
+    from deltatune.config import named_adapters_hint
+
+    for i in range(30):
+        (tmp_path / "many" / f"run{i:02d}").mkdir(parents=True)
+        (tmp_path / "many" / f"run{i:02d}" / "adapter_config.json").write_text("{}")
+    hint = named_adapters_hint(str(tmp_path / "many"))
+    names = ", ".join(f"run{i:02d}" for i in range(8))
+    assert hint == f"; its sub-folders hold adapters: {names} and 22 more (load one by name)"
+    for i in range(3):
+        (tmp_path / "few" / f"r{i}").mkdir(parents=True)
+        (tmp_path / "few" / f"r{i}" / "adapter_config.json").write_text("{}")
+    assert (
+        named_adapters_hint(str(tmp_path / "few")) == "; its sub-folders hold adapters: r0, r1, r2 (load one by name)"
+    )
