@@ -26,7 +26,6 @@ The math (GAE, the losses, whitening, the KL controller, sampling) lives in ppo_
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import time
@@ -60,7 +59,7 @@ from .ppo_math import (  # noqa: F401  (re-exported: the names other modules and
     value_loss,
     whiten,
 )
-from .ppo_reward import call_reward, import_file_reward
+from .ppo_reward import call_reward, import_reward
 from .prepared import Prepared, read_splits
 from .report import plot_panels
 
@@ -361,18 +360,10 @@ def reward_function(
         if policy is not None and same_base and not trains_base(spec, policy):
             return AdapterReward(policy, spec, tokenizer, adapter_name)  # (adapter_name: its name in the policy)
         return RewardScorer(spec, device=device)
-    module, _, name = spec.rpartition(":")
+    module = spec.rpartition(":")[0]
     if not module:
         raise ConfigError(f"align.reward_model {spec!r} is neither a folder nor of the form module:function")
-    if module.endswith(".py"):  # a file, as GRPO's align.reward_funcs take one
-        return import_file_reward(spec)
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except Exception as exc:  # noqa: BLE001  (user code: any error while importing it is one line)
-        raise ConfigError(f"align.reward_model {spec!r} could not be imported: {type(exc).__name__}: {exc}") from None
-    if not callable(fn):
-        raise ConfigError(f"align.reward_model {spec!r} is not callable")
-    return fn
+    return import_reward(spec, "align.reward_model")  # (a module or a file, as GRPO's reward_funcs: names file:line)
 
 
 def check_stop_token(align: AlignArgs, vocab: int) -> None:

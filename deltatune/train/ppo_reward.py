@@ -115,10 +115,3 @@ def _error(exc: BaseException) -> str:
     text = exc.msg if isinstance(exc, SyntaxError) and exc.filename and exc.lineno else str(exc)
     where = _where(exc)
     return f"{type(exc).__name__}: {text}" + (f" ({where})" if where else "")
-
-
-def import_file_reward(spec: str) -> Callable:
-    """align.reward_model ``path/to/file.py:function``: the function, imported as GRPO's align.reward_funcs import a
-    file (relative to the current folder, as the file run as a script); ConfigError naming align.reward_model when it
-    cannot be."""
-    return import_reward(spec, "align.reward_model")

@@ -314,7 +314,7 @@ def test_a_ppo_reward_module_that_fails_to_import_is_one_line(tmp_path, monkeypa
     with pytest.raises(ConfigError) as err:
         reward_function("rl_probe_broken:score")
     assert str(err.value) == ("align.reward_model 'rl_probe_broken:score' could not be imported: NameError: name "
-                              "'undefined_name' is not defined")  # fmt: skip
+                              f"'undefined_name' is not defined ({tmp_path / 'rl_probe_broken.py'}:1)")  # fmt: skip
 
 
 @pytest.mark.parametrize("on", [False, True])
