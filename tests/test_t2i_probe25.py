@@ -129,3 +129,30 @@ def test_a_scheduler_config_without_a_prediction_type_is_refused_in_one_line(pip
         _prepare(base, images)
     processor, _ = _prepare(base, images, train__prediction_type="v_prediction")
     assert processor.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_the_ema_file_is_never_half_written(tmp_path, monkeypatch):
+    """EMA.save wrote ema.safetensors in place: a save cut short (a kill, a full disk) left a cut file that the
+    resume read as safetensors' traceback. Now written beside and renamed: the file is the last whole one, or none."""
+    import safetensors.torch
+
+    from deltatune.train.t2i_ema import EMA, EMA_FILE
+
+    ema = EMA(decay=0.5)
+    ema.shadow, ema.step = {"w": torch.ones(4)}, 3
+    ema.save(str(tmp_path))
+    whole = (tmp_path / EMA_FILE).read_bytes()
+
+    def cut(tensors, path, metadata=None):
+        with open(path, "wb") as fh:
+            fh.write(whole[:10])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", cut)
+    ema.shadow = {"w": torch.zeros(4)}
+    with pytest.raises(KeyboardInterrupt):
+        ema.save(str(tmp_path))
+    assert (tmp_path / EMA_FILE).read_bytes() == whole and sorted(p.name for p in tmp_path.iterdir()) == [EMA_FILE]
+    loaded = EMA(decay=0.5)
+    assert loaded.load(str(tmp_path)) and loaded.step == 3
+    torch.testing.assert_close(loaded.shadow["w"], torch.ones(4))

@@ -172,8 +172,11 @@ class EMA(TrainerCallback):
             return
         from safetensors.torch import save_file
 
+        from ..files import atomic_write
+
         tensors = {n: s.detach().cpu().contiguous() for n, s in self.shadow.items()}
-        save_file(tensors, os.path.join(folder, EMA_FILE), {"optimization_step": str(self.step)})
+        step = {"optimization_step": str(self.step)}  # (never half-written: a resume read a cut file as a traceback)
+        atomic_write(os.path.join(folder, EMA_FILE), lambda tmp: save_file(tensors, tmp, step))
 
     def load(self, folder: str) -> bool:
         """Read a checkpoint's shadow and step (False when it has none: a run that did not average; the average
