@@ -426,9 +426,8 @@ def _merge(args) -> int:
     from transformers.utils.hub import convert_file_size_to_int
 
     from .config import ConfigError
-    from .info import merged_chat_template
     from .train.models import resolve_path, stored_dtype
-    from .train.run_load import adapter_field, load_adapter_model, merge, run_task
+    from .train.run_load import adapter_field, load_adapter_model, merge, merged_chat_template, run_task
     from .train.runfolder import check_apart, publish_folder, staging_folder
     from .train.runs import read_recipe
     from .train.staging import sweep_staging

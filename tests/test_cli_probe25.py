@@ -18,10 +18,11 @@ from tiny import save_tiny, smollm2_tokenizer
 from tiny import tokenizer as minilm_tokenizer
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from deltatune import LoraConfig, info
+from deltatune import LoraConfig
 from deltatune.cli import main
 from deltatune.data.templates import TEMPLATES, ChatTemplateError, encode_chat, render
 from deltatune.model import get_delta_model
+from deltatune.train import run_load
 from deltatune.train.runs import write_run_file
 
 CONVERSATIONS = [
@@ -62,12 +63,12 @@ def test_the_template_jinja_renders_as_the_built_in_template():
     prompts with (default system, empty system, quotes and braces in the content, the generation prompt)."""
     tok = smollm2_tokenizer()
     for name in TEMPLATES:
-        tok.chat_template = info.chat_template_jinja(name, tok.eos_token)
+        tok.chat_template = run_load.chat_template_jinja(name, tok.eos_token)
         for messages in CONVERSATIONS:
             for gen in (False, True):
                 want = render(messages, tok, name, add_generation_prompt=gen)[0]
                 assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen) == want
-    assert info.chat_template_jinja("raw", tok.eos_token) is None
+    assert run_load.chat_template_jinja("raw", tok.eos_token) is None
 
 
 def test_the_template_jinja_refuses_what_render_refuses_and_keeps_an_emoji_eos():
@@ -88,7 +89,7 @@ def test_the_template_jinja_refuses_what_render_refuses_and_keeps_an_emoji_eos()
         ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], None, "renders text, not"),
     ]
     for name in ("chatml", "alpaca"):
-        tok.chat_template = info.chat_template_jinja(name, tok.eos_token)
+        tok.chat_template = run_load.chat_template_jinja(name, tok.eos_token)
         for messages, tools, why in cases:
             with pytest.raises(ChatTemplateError, match=why):
                 render(messages, tok, name, True, tools)
@@ -96,7 +97,7 @@ def test_the_template_jinja_refuses_what_render_refuses_and_keeps_an_emoji_eos()
                 tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
     tok.eos_token = "\U0001f51a"
     for name in ("chatml", "alpaca"):
-        tok.chat_template = info.chat_template_jinja(name, tok.eos_token)
+        tok.chat_template = run_load.chat_template_jinja(name, tok.eos_token)
         want = render(CONVERSATIONS[0], tok, name)[0]
         assert "yo\U0001f51a" in want
         assert tok.apply_chat_template(CONVERSATIONS[0], tokenize=False) == want
@@ -118,7 +119,7 @@ def test_the_template_opens_with_the_bos_the_run_trained_with(tmp_path):
         run = tmp_path / stage
         os.makedirs(run)
         write_run_file(str(run), {"stage": stage, "data": {"template": template}})
-        jinja = info.merged_chat_template(str(run), tok)
+        jinja = run_load.merged_chat_template(str(run), tok)
         if stage == "cls":
             assert jinja is None
             continue
@@ -216,7 +217,7 @@ def test_the_template_head_gives_the_trained_ids_for_metaspace_tokenizers(tmp_pa
         tok = _metaspace_tokenizer(scheme)
         for template in ("alpaca", "chatml"):
             write_run_file(str(run), {"stage": "sft", "data": {"template": template}})
-            tok.chat_template = info.merged_chat_template(str(run), tok)
+            tok.chat_template = run_load.merged_chat_template(str(run), tok)
             for messages in CONVERSATIONS[:2]:
                 got = tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
                 assert list(got) == encode_chat(messages, tok, template)[0], (scheme, template)
@@ -226,7 +227,7 @@ def test_the_template_head_gives_the_trained_ids_for_metaspace_tokenizers(tmp_pa
     tok = _metaspace_tokenizer("first", bos="#")  # a leading token that is no special one: no text gives it
     tok.chat_template = base = "{{ 'base' }}"
     write_run_file(str(run), {"stage": "sft", "data": {"template": "alpaca"}})
-    assert info.merged_chat_template(str(run), tok) is None
+    assert run_load.merged_chat_template(str(run), tok) is None
     assert "the base tokenizer's chat template is kept" in capsys.readouterr().err
     assert tok.chat_template == base
 
@@ -259,7 +260,7 @@ def test_the_template_jinja_names_none_content():
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]
     with pytest.raises(ChatTemplateError, match="renders text, not NoneType"):
         render(messages, tok, "chatml")
-    tok.chat_template = info.chat_template_jinja("chatml", tok.eos_token)
+    tok.chat_template = run_load.chat_template_jinja("chatml", tok.eos_token)
     with pytest.raises(TemplateError, match="renders text, not None$"):
         tok.apply_chat_template(messages, tokenize=False)
 

@@ -1,6 +1,7 @@
 """A trained run loaded back: its base rebuilt as the run trained it, with the saved adapter, for ``generate``,
 ``chat``, ``merge`` and the reward scorers (a run folder, one of its checkpoint-N, or a plain peft adapter folder);
-``merge`` folds it into its base.
+``merge`` folds it into its base, and ``merged_chat_template`` gives the merged tokenizer the run's built-in
+``data.template`` as jinja (moved from info.py, the ``deltatune info`` tables, where it was written first).
 
 ``load_generator`` and ``load_captioner`` refuse, before any model loads, a run that does not generate what the
 command asks; ``run_task`` and ``adapter_field`` read a folder without loading a model. ``_quantize`` (the recipe's
@@ -229,3 +230,90 @@ def load_generator(
         print(f"deltatune {command}: note: the tokenizer has no chat template (a base model?); prompts are sent as "
               "raw text", file=sys.stderr)  # fmt: skip
     return delta, tok
+
+
+TEMPLATE_STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "kto", "orpo", "simpo", "cpo")
+"""The stages whose rows a built-in ``data.template`` renders (pt, cls, tag, seq2seq and the image stages read none)."""
+
+
+def merged_chat_template(adapter: str, tok) -> str | None:
+    """The jinja chat template ``merge`` saves with the run's tokenizer: the run's built-in ``data.template``
+    (``chat_template_jinja``), as LLaMA-Factory's export writes its template's, opened by the special tokens the
+    tokenizer put before each row it trained on (Llama's BOS, BERT's [CLS]: ``encode_chat`` tokenizes a built-in
+    template's text with them), written so that the ids are the run's (``"<s> "`` for a Metaspace "first" tokenizer).
+    None (the tokenizer's own kept): no built-in template, a stage that reads none, a processor (a vision-language
+    run: no ``eos_token``), or leading tokens no text before the template gives (said on stderr)."""
+    from ..data.preference import special_ends
+    from ..data.templates import render
+
+    template = run_template(adapter)
+    if template is None or not hasattr(tok, "eos_token"):
+        return None
+    if read_recipe(adapter).get("stage", "sft") not in TEMPLATE_STAGES:
+        return None
+    head, tail = special_ends(tok)  # (a closing one, BERT's [SEP], ends no prompt: no template can write it)
+    bos = "".join(tok.convert_ids_to_tokens(head))
+    # The text that opens the template: the one whose ids, with the sample's, are those the run trained on. A
+    # Metaspace "first" tokenizer (Llama-2's and Mistral's in transformers 5, unless legacy) marks a word with its "▁"
+    # only at offset 0: trained "<s>", "▁Below", where "<s>Below" reads "<s>", "B", "elow"; "<s> " opens its template,
+    # "<s>" a legacy one's (which "<s> " gives "▁▁Below").
+    samples = [render(m, tok, template, add_generation_prompt=m[-1]["role"] != "assistant")[0] for m in _PROBES]
+    for text in dict.fromkeys((bos, bos + " ") if bos else ("",)):
+        if all(tok(text + t, add_special_tokens=False)["input_ids"] == tok(t)["input_ids"][: -len(tail) or None]
+               for t in samples):  # fmt: skip
+            return chat_template_jinja(template, tok.eos_token, text)
+    print(f"deltatune merge: no text before data.template={template}'s gives the ids the run trained with (this "
+          f"tokenizer adds {bos!r}); the base tokenizer's chat template is kept", file=sys.stderr)  # fmt: skip
+    return None
+
+
+_PROBES = [
+    [{"role": "user", "content": "Hi there, how are you?"}, {"role": "assistant", "content": "Fine, thanks."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+]
+"""The conversations ``merged_chat_template`` tokenizes to find the text that opens the template."""
+
+
+def chat_template_jinja(template: str, eos: str | None, bos: str = "") -> str | None:
+    """The built-in ``data.template`` as a jinja chat template, rendering as ``data.templates.render`` does (each
+    answer closed by ``eos``; the default system where the conversation has none), after ``bos`` (the tokenizer's
+    leading special tokens, which ``apply_chat_template(tokenize=True)`` does not add); tool calls, ``tools``, roles
+    other than system, user and assistant, and content that is no text raise, as ``render`` refuses them. None for
+    ``raw`` (plain text, no chat format) and a name that is no built-in template."""
+    from ..data.templates import TEMPLATES
+
+    t, eos = TEMPLATES.get(template), eos or ""
+    if t is None:
+        return None
+
+    def lit(text: str) -> str:  # (jinja reads JSON's string escapes; ensure_ascii would split an emoji in two)
+        return json.dumps(text, ensure_ascii=False)
+
+    def around(pattern: str) -> tuple[str, str]:
+        return tuple(lit(part) for part in pattern.split("{content}"))
+
+    (s0, s1), (u0, u1), (a0, a1) = around(t.system), around(t.user), around(t.assistant)
+    suffix = t.assistant.split("{content}")[1]
+    a1 = lit(eos + (suffix[len(eos) :] if eos and suffix.startswith(eos) else suffix))
+    default = lit(t.system.format(content=t.default_system) if t.default_system else "")
+    tools = lit(f"data.template={template} has no tool support (tool calls need a chat template that renders them)")
+    role = lit(f"data.template={template} renders system, user and assistant turns, not ")
+    parts = lit(f"data.template={template} renders text, not a list of parts (a vision-language chat template's)")
+    none = lit(f"data.template={template} renders text, not None")
+    return (
+        f"{{{{ {lit(bos)} }}}}"
+        "{%- if not (messages and messages[0]['role'] == 'system' and messages[0]['content']) %}"
+        f"{{{{ {default} }}}}{{%- endif %}}"
+        "{%- for m in messages %}{%- if tools or m['role'] == 'tool' or m['tool_calls'] %}"
+        f"{{{{ raise_exception({tools}) }}}}"
+        "{%- elif m['role'] not in ('system', 'user', 'assistant') %}"
+        f"{{{{ raise_exception({role} + m['role']) }}}}"
+        f"{{%- elif m['content'] is none or m['content'] is undefined %}}{{{{ raise_exception({none}) }}}}"
+        f"{{%- elif m['content'] is not string %}}{{{{ raise_exception({parts}) }}}}"
+        "{%- elif m['role'] == 'assistant' %}"
+        f"{{{{ {a0} + m['content'] + {a1} }}}}"
+        f"{{%- elif m['role'] == 'user' %}}{{{{ {u0} + m['content'] + {u1} }}}}"
+        f"{{%- elif m['content'] %}}{{{{ {s0} + m['content'] + {s1} }}}}"
+        "{%- endif %}{%- endfor %}"
+        f"{{%- if add_generation_prompt %}}{{{{ {lit(t.generation_prefix)} }}}}{{%- endif %}}"
+    )
